@@ -1,0 +1,123 @@
+"""The labelled dataset: an ASE database (SQLite) of structures with reference labels.
+
+Every row holds an ``Atoms`` with a single-point result: energy (eV), forces (eV/Å), dipole (e·Å),
+and key-value metadata:
+
+==============  ========================================================================
+key             meaning
+==============  ========================================================================
+``cluster``     a name such as ``P2`` or ``pyroxene_N02_GM``
+``origin``      ``normal_modes``, ``minimum``, ``al_iter_007``, ``test``, ``import`` ...
+``temperature`` sampling temperature in K (AL frames), absent otherwise
+``method``      reference method, e.g. ``xtb:GFN2-xTB`` or ``pyscf:PBE0/def2-SVP``
+``hash``        :func:`structure_hash` of (numbers, positions, method): never label twice
+==============  ========================================================================
+
+Writes go one row per transaction (``ase.db`` commits every ``write``), so a crash loses at most
+the calculations in flight.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+DEFAULT_SEED = 20231
+VALIDATION_FRACTION = 0.1
+
+
+def structure_hash(numbers, positions, method: str = "") -> str:
+    """Stable identity of a structure for a given reference method (positions rounded to 1e-6 Å)."""
+    h = hashlib.sha256()
+    h.update(np.asarray(numbers, dtype=np.int64).tobytes())
+    h.update(np.round(np.asarray(positions, dtype=np.float64), 6).tobytes())
+    h.update(method.encode())
+    return h.hexdigest()[:32]
+
+
+def connect(path: str | Path):
+    """Open (or create) a dataset. The parent folder is created when missing."""
+    import ase.db
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return ase.db.connect(str(path), type="db")
+
+
+def add_labelled(db, atoms: Atoms, energy: float, forces, dipole=None, *, method: str,
+                 cluster: str = "", origin: str = "", temperature: float | None = None,
+                 **extra) -> int:
+    """Write one labelled structure (one transaction) and return its row id."""
+    atoms = Atoms(numbers=atoms.numbers, positions=atoms.positions)
+    results = {"energy": float(energy), "forces": np.asarray(forces, dtype=float).reshape(len(atoms), 3)}
+    if dipole is not None:
+        results["dipole"] = np.asarray(dipole, dtype=float).reshape(3)
+    atoms.calc = SinglePointCalculator(atoms, **results)
+    kv = dict(method=method, cluster=cluster, origin=origin,
+              hash=structure_hash(atoms.numbers, atoms.positions, method), **extra)
+    if temperature is not None:
+        kv["temperature"] = float(temperature)
+    return db.write(atoms, key_value_pairs=kv)
+
+
+def known_hashes(db) -> set[str]:
+    return {row.get("hash") for row in db.select(columns=["key_value_pairs"]) if row.get("hash")}
+
+
+@dataclass
+class Frame:
+    """One labelled structure as arrays (what training consumes)."""
+
+    numbers: np.ndarray        # (N,) atomic numbers
+    positions: np.ndarray      # (N, 3) Å
+    energy: float              # eV
+    forces: np.ndarray         # (N, 3) eV/Å
+    dipole: np.ndarray | None  # (3,) e·Å
+    hash: str = ""
+    origin: str = ""
+    cluster: str = ""
+
+
+def frame_from_atoms(atoms: Atoms, **meta) -> Frame:
+    """A :class:`Frame` from an ``Atoms`` carrying a calculator with energy and forces (dipole optional)."""
+    calc = atoms.calc
+    if calc is None:
+        raise ValueError("structure has no labels (energy/forces)")
+    dip = calc.results.get("dipole")
+    return Frame(numbers=atoms.numbers.copy(), positions=atoms.positions.copy(),
+                 energy=float(atoms.get_potential_energy()), forces=np.array(atoms.get_forces()),
+                 dipole=None if dip is None else np.asarray(dip, dtype=float),
+                 hash=meta.get("hash") or structure_hash(atoms.numbers, atoms.positions),
+                 origin=meta.get("origin", ""), cluster=meta.get("cluster", ""))
+
+
+def read_frames(path: str | Path, selection=None) -> list[Frame]:
+    """All labelled rows of a database (or an ASE-readable file such as .traj / extxyz)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {path} does not exist")
+    if path.suffix == ".db":
+        db = connect(path)
+        frames = []
+        for row in db.select(selection):
+            atoms = row.toatoms(add_additional_information=False)
+            frames.append(frame_from_atoms(atoms, hash=row.get("hash", ""), origin=row.get("origin", ""),
+                                           cluster=row.get("cluster", "")))
+        return frames
+    from ase.io import read
+
+    return [frame_from_atoms(a) for a in read(str(path), index=":")]
+
+
+def split_train_validation(frames: list[Frame], seed: int = DEFAULT_SEED,
+                           validation_fraction: float = VALIDATION_FRACTION) -> tuple[list[Frame], list[Frame]]:
+    """Fixed 9:1 split. Frames are ordered by a seeded hash of their identity, so a frame keeps its side
+    of the split as active learning adds data; ``origin == 'test'`` frames are never used."""
+    usable = [f for f in frames if f.origin != "test"]
+    keyed = sorted(usable, key=lambda f: hashlib.sha256(f"{seed}:{f.hash or structure_hash(f.numbers, f.positions)}".encode()).hexdigest())
+    n_val = max(1, int(round(validation_fraction * len(keyed)))) if len(keyed) >= 2 else 0
+    return keyed[n_val:], keyed[:n_val]
