@@ -1,0 +1,61 @@
+"""GM-NN energies: Gaussian moments -> atomic network -> per-species scaled atomic energies (eV).
+
+E_k = sum_i [ scale_k[Z_i] * net_k(G_i) ] for each of the K stacked members. The per-species energy
+shifts (a ridge regression of energies on composition) are added outside, in float64, by the committee:
+absolute energies of these clusters are ~ -4e4 eV, beyond float32's resolution.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .gaussian_moments import GaussianMomentDescriptor
+from .geometry import Batch
+from .layers import StackedLinear
+
+
+class EnergyModel(nn.Module):
+    def __init__(self, n_species: int, n_members: int = 1, hidden: tuple[int, ...] = (512, 512),
+                 n_basis: int = 7, n_radial: int = 5, r_min: float = 0.5, cutoff: float = 5.0):
+        super().__init__()
+        self.n_members = n_members
+        self.descriptor = GaussianMomentDescriptor(n_species, n_members, n_basis, n_radial, r_min, cutoff)
+        sizes = (self.descriptor.n_features, *hidden, 1)
+        self.layers = nn.ModuleList(StackedLinear(n_members, a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        # Fixed feature standardisation (set from training data by `fit_normalisation`), per member.
+        self.register_buffer("feature_mean", torch.zeros(n_members, 1, self.descriptor.n_features))
+        self.register_buffer("feature_std", torch.ones(n_members, 1, self.descriptor.n_features))
+        self.atomic_scale = nn.Parameter(torch.ones(n_members, n_species))
+
+    def features(self, batch: Batch, per_member: bool = False) -> torch.Tensor:
+        return self.descriptor(batch, per_member)  # (K, B, N, F)
+
+    def atomic_energies(self, batch: Batch, per_member: bool = False) -> torch.Tensor:
+        """(K, B, N) atomic energies in eV (without the per-species shift), zero on padding.
+        ``per_member``: see :meth:`GaussianMomentDescriptor.forward` (then B = 1 per member)."""
+        g = self.features(batch, per_member)
+        k, b, n, f = g.shape
+        x = ((g.reshape(k, b * n, f) - self.feature_mean) / self.feature_std)
+        for layer in self.layers[:-1]:
+            x = nn.functional.silu(layer(x))
+        out = self.layers[-1](x).reshape(k, b, n)
+        species = batch.species.clamp(min=0)
+        if per_member:
+            scale = self.atomic_scale[torch.arange(k)[:, None], species][:, None]    # (K, 1, N)
+            return out * scale * batch.mask[:, None]
+        scale = self.atomic_scale[:, species]                                       # (K, B, N)
+        return out * scale * batch.mask
+
+    def forward(self, batch: Batch, per_member: bool = False) -> torch.Tensor:
+        """(K, B) total energies in eV (without shifts)."""
+        return self.atomic_energies(batch, per_member).sum(-1)
+
+    @torch.no_grad()
+    def fit_normalisation(self, batches: list[Batch]) -> None:
+        feats = []
+        for batch in batches:
+            g = self.features(batch)
+            feats.append(g[:, batch.mask])                                         # (K, n_atoms, F)
+        g = torch.cat(feats, dim=1)
+        self.feature_mean.copy_(g.mean(1, keepdim=True))
+        self.feature_std.copy_(g.std(1, keepdim=True).clamp(min=1e-6))
