@@ -1,0 +1,1 @@
+"""`nanosil train` and `nanosil evaluate`."""

@@ -1,0 +1,54 @@
+"""`nanosil evaluate --db TEST.db --models MODELS_DIR`: an error table like the paper's Table I."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROWS = [("energy per atom (meV)", "energy_mae_meV_per_atom", "energy_rmse_meV_per_atom"),
+        ("forces (eV/Å)", "force_mae_eV_per_A", "force_rmse_eV_per_A"),
+        ("dipole (Debye)", "dipole_mae_D", "dipole_rmse_D")]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", required=True, help="test structures with labels (ASE database or file)")
+    p.add_argument("--models", required=True, help="committee folder")
+    p.add_argument("--json", default=None, help="also write the table as JSON")
+
+
+def format_table(tables: dict[str, dict]) -> str:
+    sets = list(tables)
+    head = f"{'':24s}" + "".join(f"{s + ' MAE':>16s}{s + ' RMSE':>16s}" for s in sets)
+    lines = [head, "-" * len(head)]
+    for label, mae, rmse in ROWS:
+        if not any(mae in t for t in tables.values()):
+            continue
+        cells = "".join(f"{t.get(mae, float('nan')):16.4f}{t.get(rmse, float('nan')):16.4f}" for t in tables.values())
+        lines.append(f"{label:24s}{cells}")
+    lines.append(f"{'structures':24s}" + "".join(f"{t.get('n', 0):16d}{'':16s}" for t in tables.values()))
+    return "\n".join(lines)
+
+
+def print_table(tables: dict[str, dict]) -> None:
+    print(format_table(tables))
+
+
+def run(args) -> int:
+    from driver.data import read_frames
+    from driver.models.committee import load_committee
+    from driver.training import error_table
+
+    committee = load_committee(args.models, dtype=__import__("torch").float64)
+    frames = read_frames(args.db)
+    for f in frames:
+        committee.validate(f.numbers, f.positions, source=str(args.db))
+    tables = {}
+    errors = committee.metadata.get("errors", {})
+    for name in ("train", "validation"):
+        if errors.get(name):
+            tables[name] = errors[name]
+    tables["test"] = error_table(committee, frames)
+    print_table(tables)
+    if args.json:
+        Path(args.json).write_text(json.dumps(tables, indent=2))
+    return 0

@@ -1,0 +1,117 @@
+"""PNG plots of spectra (matplotlib, Agg backend: no display needed), written atomically.
+
+``plot_spectra`` overlays spectra against wavenumber or wavelength (µm, marking 9.7 and 18 µm), with a
+shaded standard-error band where there is one; ``plot_harmonic`` draws sticks and the broadened curve.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .spectrum import Spectrum
+from .sums import SILICATE_BANDS_UM
+
+DEFAULT_YLABEL = "A(ν̃) / km mol$^{-1}$ (cm$^{-1}$)$^{-1}$"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{fmt}", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def plot_spectra(
+    path: str | os.PathLike,
+    spectra: Sequence[Spectrum],
+    labels: Sequence[str] | None = None,
+    axis: str = "wavenumber",
+    xlim: tuple[float, float] | None = None,
+    ylabel: str = DEFAULT_YLABEL,
+    title: str = "",
+    mark_bands: bool = True,
+) -> None:
+    """Overlay ``spectra`` against ``axis`` = ``wavenumber`` (cm^-1) or ``wavelength`` (µm)."""
+    if axis not in ("wavenumber", "wavelength"):
+        raise ValueError(f"unknown axis {axis!r}; choose wavenumber or wavelength")
+    plt = _pyplot()
+    labels = list(labels) if labels is not None else [""] * len(spectra)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    styles = ("-", "--", ":", "-.")  # overlaid curves stay visible where they coincide
+    for k, (s, label) in enumerate(zip(spectra, labels)):
+        m = s.wavenumber > 0 if axis == "wavelength" else np.ones_like(s.wavenumber, dtype=bool)
+        x = s.wavelength_um[m] if axis == "wavelength" else s.wavenumber[m]
+        line, = ax.plot(x, s.intensity[m], lw=1.2, ls=styles[k % len(styles)], label=label or None)
+        if np.any(s.stderr[m] > 0):
+            ax.fill_between(x, s.intensity[m] - s.stderr[m], s.intensity[m] + s.stderr[m],
+                            color=line.get_color(), alpha=0.25, lw=0)
+    if axis == "wavelength":
+        ax.set_xlabel("wavelength / µm")
+        if mark_bands:
+            for band in SILICATE_BANDS_UM:
+                ax.axvline(band, color="k", lw=0.8, ls="--")
+                ax.text(band, 1.0, f" {band:g} µm", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+    else:
+        ax.set_xlabel("wavenumber / cm$^{-1}$")
+    if xlim is not None:
+        ax.set_xlim(*xlim)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if any(labels):
+        ax.legend(frameon=False)
+    try:
+        _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_harmonic(
+    path: str | os.PathLike,
+    frequencies: np.ndarray,
+    intensities: np.ndarray,
+    broadened: Spectrum | None = None,
+    xlim: tuple[float, float] | None = None,
+    title: str = "",
+) -> None:
+    """Sticks at the harmonic frequencies (height = intensity, km/mol) and the broadened curve."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    f = np.asarray(frequencies)
+    i = np.asarray(intensities)
+    keep = f >= 0
+    ax.vlines(f[keep], 0, i[keep], color="k", lw=1.0, label="modes")
+    if broadened is not None:
+        ax.plot(broadened.wavenumber, broadened.intensity, lw=1.2, label="broadened")
+    ax.set_xlabel("wavenumber / cm$^{-1}$")
+    ax.set_ylabel("intensity / km mol$^{-1}$")
+    if xlim is not None:
+        ax.set_xlim(*xlim)
+    if title:
+        ax.set_title(title)
+    ax.legend(frameon=False)
+    try:
+        _save(fig, path)
+    finally:
+        plt.close(fig)
