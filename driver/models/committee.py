@@ -104,6 +104,13 @@ class Committee:
     version: str = "untrained"
     metadata: dict = field(default_factory=dict)   # training record (errors, schedule, data size ...)
 
+    def __post_init__(self):
+        # A committee is for inference: frozen weights let autograd skip every weight gradient when it
+        # differentiates with respect to positions (forces, Hessians). Training works on its own modules.
+        for model in (self.energy_model, self.dipole_model):
+            if model is not None:
+                model.eval().requires_grad_(False)
+
     # ---------------------------------------------------------------- basic facts
     @property
     def species(self) -> tuple[str, ...]:
@@ -235,10 +242,16 @@ class Committee:
         batch = make_batch(idx, positions_list, dtype=self.dtype)
         pos = batch.positions.requires_grad_(True)
         k = self.n_energy_members
-        e = self.energy_model(batch)                                                  # (K, B)
         if member_forces and k > 1:
-            (g,) = torch.autograd.grad(e.sum(1), pos, torch.eye(k, dtype=e.dtype), is_grads_batched=True)
+            # One copy of the batch per member (member k sees copy k): one backward pass gives every member's
+            # forces, about 3x cheaper than a vmapped backward per member (is_grads_batched).
+            b, n = batch.species.shape
+            rep = batch.positions.detach()[None].repeat(k, 1, 1, 1).requires_grad_(True)   # (K, B, N, 3)
+            species = batch.species.repeat(k, 1)
+            e = self.energy_model(Batch(species, rep.reshape(k * b, n, 3), species >= 0), per_member=True)
+            (g,) = torch.autograd.grad(e.sum(), rep)
         else:
+            e = self.energy_model(batch)                                              # (K, B)
             (g,) = torch.autograd.grad(e.sum(), pos)
             g = g[None] / k
         e = e.detach().double().numpy()

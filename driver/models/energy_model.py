@@ -32,7 +32,7 @@ class EnergyModel(nn.Module):
 
     def atomic_energies(self, batch: Batch, per_member: bool = False) -> torch.Tensor:
         """(K, B, N) atomic energies in eV (without the per-species shift), zero on padding.
-        ``per_member``: see :meth:`GaussianMomentDescriptor.forward` (then B = 1 per member)."""
+        ``per_member``: see :meth:`GaussianMomentDescriptor.forward` (then B structures per member)."""
         g = self.features(batch, per_member)
         k, b, n, f = g.shape
         x = ((g.reshape(k, b * n, f) - self.feature_mean) / self.feature_std)
@@ -41,8 +41,9 @@ class EnergyModel(nn.Module):
         out = self.layers[-1](x).reshape(k, b, n)
         species = batch.species.clamp(min=0)
         if per_member:
-            scale = self.atomic_scale[torch.arange(k)[:, None], species][:, None]    # (K, 1, N)
-            return out * scale * batch.mask[:, None]
+            species, mask = species.reshape(k, b, n), batch.mask.reshape(k, b, n)
+            scale = self.atomic_scale[torch.arange(k)[:, None, None], species]        # (K, B, N)
+            return out * scale * mask
         scale = self.atomic_scale[:, species]                                       # (K, B, N)
         return out * scale * batch.mask
 

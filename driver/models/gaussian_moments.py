@@ -129,16 +129,18 @@ class GaussianMomentDescriptor(nn.Module):
         return torch.einsum("bijq,bijm->biqm", by_species, ang)                    # (B, N, S*n_basis, 40)
 
     def forward(self, batch: Batch, per_member: bool = False) -> torch.Tensor:
-        """(K, B, N, n_features). With ``per_member=True`` the batch holds K structures, one per member
-        (member k sees only structure k): backpropagating the sum of all member energies then gives every
-        member's own forces in a single backward pass. The result is then (K, 1, N, n_features)."""
+        """(K, B, N, n_features). With ``per_member=True`` the batch holds K x B structures, member-major
+        (member k sees only structures k*B .. k*B+B-1): backpropagating the sum of all member energies then
+        gives every member's own forces in a single backward pass. The result is then (K, B, N, n_features)."""
         m = self.shared_moments(batch)
         k = self.coefficients.shape[0]
         # Coefficients of the centre atom's species: (K, B, N, S*n_basis, n_radial).
         c = self.coefficients.reshape(k, self.n_species, self.n_species * self.n_basis, self.n_radial)
         if per_member:
-            c_i = c[torch.arange(k)[:, None], batch.species.clamp(min=0)] / math.sqrt(self.n_basis)
-            psi = torch.einsum("kiqs,kiqm->kism", c_i, m)[:, None]                 # (K, 1, N, n_radial, 40)
+            n = batch.species.shape[1]
+            species = batch.species.clamp(min=0).reshape(k, -1, n)                 # (K, B, N)
+            c_i = c[torch.arange(k)[:, None, None], species] / math.sqrt(self.n_basis)
+            psi = torch.einsum("kbiqs,kbiqm->kbism", c_i, m.reshape(k, -1, *m.shape[1:]))  # (K, B, N, n_radial, 40)
         else:
             c_i = c[:, batch.species.clamp(min=0)] / math.sqrt(self.n_basis)
             psi = torch.einsum("kbiqs,biqm->kbism", c_i, m)                       # (K, B, N, n_radial, 40)

@@ -1,0 +1,131 @@
+"""Learning on real DFT labels (the paper's PBE0 P2 structures), through the CLI, plus the ASE calculator."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from ase.io import read
+
+from driver.data import add_labelled, connect, read_frames, split_train_validation
+from driver.models.committee import build_committee, load_committee
+from driver.training import error_table, fit_energy_shift, _species_index
+
+from conftest import shared_file
+
+SMALL = ["--hidden", "64", "64"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, p2_dft_frames):
+    """25 PBE0 P2 structures into a database, a committee trained on them with `nanosil train`."""
+    tmp = tmp_path_factory.mktemp("train")
+    db = connect(tmp / "p2.db")
+    for f in p2_dft_frames[:25]:
+        from ase import Atoms
+        add_labelled(db, Atoms(numbers=f.numbers, positions=f.positions), f.energy, f.forces, f.dipole,
+                     method="orca:PBE0/def2-SVP", cluster="P2", origin="normal_modes")
+    cmd = [sys.executable, "-m", "al_manager.cli", "train", "--db", str(tmp / "p2.db"), "--out", str(tmp / "models"),
+           "--committee", "2", "--dipole", "--epochs", "150", "--patience", "150", "--batch-size", "4",
+           "--lr", "5e-3", *SMALL]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return tmp, run.stdout
+
+
+def test_dataset_split_is_fixed_and_excludes_test(p2_dft_frames):
+    frames = list(p2_dft_frames)
+    frames[0].origin = "test"
+    train, val = split_train_validation(frames)
+    assert len(val) == 3 and len(train) == 27 and all(f.origin != "test" for f in train + val)
+    # Adding data keeps earlier frames on their side of the split (active learning grows the set).
+    train2, val2 = split_train_validation(frames[:20])
+    assert {f.hash for f in val2} - {f.hash for f in val} == set() or len(val2) <= 2
+    frames[0].origin = "normal_modes"
+
+
+def test_training_beats_untrained_baseline_on_held_out_dft(trained, p2_dft_frames):
+    tmp, stdout = trained
+    assert "validation MAE" in stdout and "forces (eV/Å)" in stdout
+    committee = load_committee(tmp / "models", dtype=torch.float64)
+    assert committee.n_energy_members == 2 and committee.n_dipole_members == 1
+    held_out = p2_dft_frames[25:]
+    trained_err = error_table(committee, held_out)
+    # Baseline: the same architecture untrained, with the same composition energy shift.
+    baseline = build_committee(committee.config, 2, 1, seed=5).to(torch.float64)
+    train_frames = p2_dft_frames[:25]
+    baseline.energy_shift = fit_energy_shift(train_frames, 3, _species_index(train_frames, baseline.species))
+    base_err = error_table(baseline, held_out)
+    print("held-out trained", trained_err, "\nuntrained", base_err)
+    assert trained_err["force_mae_eV_per_A"] < 0.5 * base_err["force_mae_eV_per_A"]
+    assert trained_err["energy_mae_meV_per_atom"] < 0.5 * base_err["energy_mae_meV_per_atom"]
+    assert trained_err["dipole_mae_D"] < 0.5 * base_err["dipole_mae_D"]
+    meta = json.loads((tmp / "models" / "committee.json").read_text())
+    assert meta["calibration"]["energy"] > 0 and meta["metadata"]["n_train"] == 22
+
+
+def test_evaluate_prints_table(trained):
+    tmp, _ = trained
+    traj = shared_file("pbe0_P2_normal_modes", "farthest_selected_opt_pbe0.traj")
+    run = subprocess.run([sys.executable, "-m", "al_manager.cli", "evaluate", "--db", str(traj), "--models",
+                          str(tmp / "models"), "--json", str(tmp / "eval.json")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    table = json.loads((tmp / "eval.json").read_text())
+    assert table["test"]["n"] == 31 and {"train", "validation", "test"} <= set(table)
+    assert "energy per atom (meV)" in run.stdout and "dipole (Debye)" in run.stdout
+
+
+def test_warm_start_continues_from_earlier_weights(trained, p2_dft_frames):
+    from driver.training import TrainConfig, train_committee
+
+    tmp, _ = trained
+    cfg = TrainConfig(committee=2, dipole_members=1, epochs=1, patience=1, warm_start=str(tmp / "models"), lr=1e-9)
+    c = train_committee(p2_dft_frames[:25], tmp / "warm", cfg)
+    before = load_committee(tmp / "models")
+    a = before.predict(p2_dft_frames[0].numbers, p2_dft_frames[0].positions)
+    b = c.predict(p2_dft_frames[0].numbers, p2_dft_frames[0].positions)
+    assert b.energy == pytest.approx(a.energy, abs=1e-3)
+
+
+def test_calculator_hessian_matches_ase_vibrations(trained, tmp_path):
+    from ase.optimize import BFGS
+    from ase.vibrations import Vibrations, VibrationsData
+
+    from driver.calculator import NanosilCalculator
+
+    tmp, _ = trained
+    atoms = read(shared_file("structures", "pyroxene_N01_GM.xyz"))
+    calc = NanosilCalculator(tmp / "models")
+    atoms.calc = calc
+    BFGS(atoms, logfile=None).run(fmax=1e-4, steps=300)
+    assert {"energy_std_per_atom", "max_force_std", "dipole_std"} <= set(calc.results)
+    exact = VibrationsData.from_2d(atoms, calc.hessian(atoms)).get_frequencies().real
+    vib = Vibrations(atoms, name=str(tmp_path / "vib"), delta=0.005, nfree=4)
+    vib.run()
+    fd = vib.get_frequencies().real
+    assert np.abs(exact[6:] - fd[6:]).max() < 0.5
+    # Dipole derivatives against central differences of the calculator's dipole.
+    d = calc.dipole_derivatives(atoms)
+    i, a, h = 2, 1, 1e-4
+    plus, minus = atoms.copy(), atoms.copy()
+    plus.positions[i, a] += h
+    minus.positions[i, a] -= h
+    plus.calc = minus.calc = calc
+    fd_mu = (plus.get_dipole_moment() - minus.get_dipole_moment()) / (2 * h)
+    np.testing.assert_allclose(d[i, a], fd_mu, atol=1e-6)
+
+
+def test_train_refuses_unknown_element(tmp_path):
+    from ase import Atoms
+
+    db = connect(tmp_path / "fe.db")
+    for k in range(3):
+        add_labelled(db, Atoms("FeO", positions=[[0, 0, 0], [0, 0, 1.6 + 0.1 * k]]), -1.0 * k, np.zeros((2, 3)),
+                     method="test")
+    run = subprocess.run([sys.executable, "-m", "al_manager.cli", "train", "--db", str(tmp_path / "fe.db"),
+                          "--out", str(tmp_path / "m")], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "element Fe" in run.stderr and "Mg, Si, O" in run.stderr and "Traceback" not in run.stderr
