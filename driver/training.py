@@ -187,7 +187,11 @@ def _train_member(task: dict) -> dict:
     best, best_state, best_epoch = math.inf, None, 0
     start = time.time()
     history = []
+    parent = task.get("parent_pid")
     for epoch in range(cfg.epochs):
+        if parent is not None and os.getppid() != parent:
+            # The trainer that started us is gone (killed): do not live on as an orphan.
+            raise SystemExit(f"[{kind} member {k}] parent process {parent} ended; stopping")
         lr = lr0 * (1.0 - epoch / cfg.epochs)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -327,7 +331,7 @@ def _encode_task(task: dict, threads: int) -> dict:
                 "energy": torch.as_tensor(d.energy), "forces": [torch.as_tensor(x) for x in d.forces],
                 "dipole": [None if x is None else torch.as_tensor(x) for x in d.dipole]}
 
-    return {"kind": task["kind"], "member": task["member"], "threads": threads,
+    return {"kind": task["kind"], "member": task["member"], "threads": threads, "parent_pid": os.getpid(),
             "cfg": dataclasses.asdict(task["cfg"]), "model_config": dataclasses.asdict(task["model_config"]),
             "train": tensors(task["train"]), "val": tensors(task["val"]), "warm_state": task["warm_state"]}
 

@@ -131,3 +131,34 @@ def test_train_refuses_unknown_element(tmp_path):
                           "--out", str(tmp_path / "m")], capture_output=True, text=True)
     assert run.returncode == 2
     assert "element Fe" in run.stderr and "Mg, Si, O" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_killed_trainer_leaves_no_worker_behind(tmp_path, p2_dft_frames):
+    """SIGKILL of the training process: its member processes notice and exit instead of running on."""
+    import os
+    import signal
+    import time
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "from driver.data import read_frames\n"
+        "from driver.training import TrainConfig, train_committee\n"
+        f"frames = read_frames({str(shared_file('pbe0_P2_normal_modes', 'farthest_selected_opt_pbe0.traj'))!r})[:10]\n"
+        "train_committee(frames, 'm', TrainConfig(committee=2, dipole_members=0, epochs=100000, patience=100000,"
+        " model=dict(hidden=(8,))))\n")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    workers = []
+    while time.time() < deadline and not workers:
+        time.sleep(0.5)
+        out = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "driver.training"], capture_output=True, text=True)
+        workers = [int(p) for p in out.stdout.split()]
+    assert workers, "no training worker started"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 60
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.5)
+        alive = [p for p in alive if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
+    assert not alive, f"training workers {alive} outlived their parent"
