@@ -1,4 +1,10 @@
-"""Reference (ground-truth) calculations behind one interface: see :mod:`al_manager.reference.base`."""
-from .base import Label, Harmonic, ReferenceBackend, ReferenceError, get_backend
+"""Reference (ground-truth) calculations behind one interface: see :mod:`al_manager.reference.base`.
 
-__all__ = ["Label", "Harmonic", "ReferenceBackend", "ReferenceError", "get_backend"]
+``get_backend("xtb" | "pyscf" | "orca")`` gives a backend; :func:`label_structures` labels many
+structures in parallel into the dataset (see :mod:`al_manager.reference.labelling`).
+"""
+from .base import Harmonic, Label, ReferenceBackend, ReferenceError, get_backend
+from .labelling import LabelReport, label_structures
+
+__all__ = ["Label", "Harmonic", "ReferenceBackend", "ReferenceError", "get_backend", "LabelReport",
+           "label_structures"]

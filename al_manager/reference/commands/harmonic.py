@@ -1,0 +1,132 @@
+"""``nanosil harmonic IN.xyz --backend xtb|pyscf|orca --out DIR``: harmonic IR spectrum of one structure.
+
+Writes into DIR:
+
+* ``harmonic.csv``: mode, frequency (cm^-1; imaginary as negative), IR intensity (km/mol), vibration (1, or 0
+  for the 6 rigid-body modes of smallest |frequency|);
+* ``spectrum.csv`` and ``spectrum.png``: the vibrations broadened with Gaussians (FWHM ``--fwhm``, peak height =
+  intensity, the paper's harmonic plots, grid 0-4000 cm^-1 with 1024 points);
+* ``structure.xyz``: the geometry used (relaxed first with ``--relax``).
+
+xtb and pyscf use finite differences of forces and dipoles (ASE ``Infrared``; displaced results are
+cached in ``DIR/ir_cache`` so an interrupted run resumes); orca runs its analytic ``Freq``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ._common import add_backend_arguments, backend_options, read_structures
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("input", metavar="IN.xyz", help="structure file (ASE-readable)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--index", default="-1", help="which frame of the file (ASE index, default the last)")
+    parser.add_argument("--relax", action="store_true", help="relax with the backend before the analysis")
+    parser.add_argument("--fmax", type=float, default=0.001, help="relaxation threshold (eV/Å, default 0.001)")
+    parser.add_argument("--delta", type=float, default=0.01, help="finite-difference step (Å, default 0.01)")
+    parser.add_argument("--fwhm", type=float, default=10.0, help="Gaussian FWHM of the spectrum (cm^-1, default 10)")
+    add_backend_arguments(parser)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def broadened(frequencies, intensities, fwhm: float):
+    """(grid cm^-1, intensity km/mol) on 0..4000 cm^-1, Gaussian lines with peak height = intensity."""
+    try:
+        from spectra.broadening import broaden
+
+        s = broaden(frequencies, intensities, fwhm=fwhm, shape="gaussian", normalization="height")
+        return s.wavenumber, s.intensity
+    except ImportError:  # spectra package not installed: the same Gaussians here
+        grid = np.linspace(0.0, 4000.0, 1024)
+        f, i = np.asarray(frequencies), np.asarray(intensities)
+        keep = f >= 0
+        sigma = fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+        return grid, np.exp(-0.5 * ((grid[:, None] - f[keep]) / sigma) ** 2) @ i[keep]
+
+
+def vibration_mask(atoms, frequencies) -> np.ndarray:
+    """True for vibrations, False for the 6 (5 if linear) rigid-body modes: those of smallest |frequency|."""
+    inertia = atoms.get_moments_of_inertia()
+    n_rigid = 5 if inertia.min() < 1e-6 * max(inertia.max(), 1e-12) else 6
+    n_rigid = min(n_rigid, len(frequencies))
+    mask = np.ones(len(frequencies), dtype=bool)
+    mask[np.argsort(np.abs(frequencies))[:n_rigid]] = False
+    return mask
+
+
+def _plot(path: Path, freq, inten, grid, spec, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    keep = freq >= 0
+    ax.vlines(freq[keep], 0, inten[keep], color="k", lw=1.0, label="modes")
+    ax.plot(grid, spec, lw=1.2, label="broadened")
+    top = max(float(freq.max()) * 1.1, 100.0)
+    ax.set_xlim(0, min(4000.0, top))
+    ax.set_xlabel("wavenumber / cm$^{-1}$")
+    ax.set_ylabel("intensity / km mol$^{-1}$")
+    ax.set_title(title)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=150)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run(args) -> int:
+    from ase.io import write
+
+    from al_manager.cli import UsageError
+    from al_manager.reference import get_backend
+
+    if args.fwhm <= 0 or args.delta <= 0 or args.fmax <= 0:
+        raise UsageError("--fwhm, --delta and --fmax must be positive")
+    frames = read_structures(args.input, args.index)
+    if len(frames) != 1:
+        raise UsageError(f"{args.input}: --index {args.index!r} selects {len(frames)} frames; give one frame")
+    atoms = frames[0]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    backend = get_backend(args.backend, **backend_options(args))
+    backend.check_available()
+    backend.check(atoms, frame=f"{args.input} frame {args.index}")
+    if args.relax:
+        print(f"relaxing with {backend.method} to fmax {args.fmax} eV/Å ...", flush=True)
+        atoms = backend.relax(atoms, fmax=args.fmax)
+    write(str(out / "structure.xyz"), atoms, format="extxyz")
+    print(f"harmonic analysis with {backend.method} ({len(atoms)} atoms) ...", flush=True)
+    kwargs = {} if args.backend == "orca" else {"delta": args.delta, "workdir": out / "ir_cache"}
+    har = backend.harmonic(atoms, **kwargs)
+
+    vib = vibration_mask(atoms, har.frequencies)
+    rows = ["mode,frequency_cm-1,intensity_km_per_mol,vibration"]
+    rows += [f"{k},{f:.4f},{i:.6f},{int(v)}"
+             for k, (f, i, v) in enumerate(zip(har.frequencies, har.intensities, vib))]
+    _atomic_write(out / "harmonic.csv", "\n".join(rows) + "\n")
+    freq, inten = har.frequencies[vib], har.intensities[vib]
+    grid, spec = broadened(freq, inten, args.fwhm)
+    _atomic_write(out / "spectrum.csv", "wavenumber_cm-1,intensity_km_per_mol\n"
+                  + "".join(f"{g:.4f},{s:.6g}\n" for g, s in zip(grid, spec)))
+    _plot(out / "spectrum.png", freq, inten, grid, spec,
+          f"{atoms.get_chemical_formula()} harmonic IR, {backend.method}")
+    if np.any(freq < 0):
+        print(f"warning: {int(np.sum(freq < 0))} imaginary mode(s): not a minimum (use --relax)")
+    strongest = np.flatnonzero(vib)[np.argsort(inten)[::-1][:3]]
+    peaks = ", ".join(f"{har.frequencies[k]:.0f} cm^-1 ({har.intensities[k]:.0f} km/mol)" for k in strongest)
+    print(f"{out}/harmonic.csv, spectrum.csv, spectrum.png written; strongest: {peaks}")
+    return 0
