@@ -1,0 +1,505 @@
+"""The active-learning loop (the paper's Fig. 2), resumable from its work directory at any moment.
+
+Steps, each recorded in ``WORKDIR/state.json`` (:mod:`al_manager.state`) before the next begins:
+
+iteration 0 (``nanosil al init``)
+    ``initial_data``: normal-mode sampling + farthest point sampling for every structure
+    (:func:`al_manager.initial_data.make_initial_data`), kept in ``WORKDIR/initial/NAME.extxyz``;
+    ``initial_label``: labelled with the reference backend into ``WORKDIR/data.db``;
+    ``initial_train``: the first committee, ``WORKDIR/models/iter_000``; ``measure``.
+iteration k = 1, 2, ...
+    ``sampling``: one i-PI run per (structure, temperature) (:mod:`al_manager.sampling`);
+    ``labelling``: the flagged frames, in parallel, into ``data.db``;
+    ``training``: warm start from ``models/iter_{k-1}`` into ``models/iter_k``;
+    ``measure``: harmonic-frequency MAE/RMSE against the reference (:mod:`al_manager.measure`), validation
+    errors, label counts; a row of ``report.csv`` and ``learning_curve.png`` (:mod:`al_manager.report`).
+It stops when the harmonic MAE has not improved for ``patience`` iterations or after ``max_iterations``.
+
+Durability: labels are written one transaction each and never computed twice (the dataset's structure
+hash); models are written atomically; the state file after every step, every flagged frame and every
+run's end. A manager killed at any moment (SIGKILL included) is resumed by running the same command: the
+processes it left are ended first (:func:`al_manager.state.end_orphans`), then the interrupted step is
+redone from its recorded inputs. ``WORKDIR/al.log`` (and stdout) gets one line per step.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import secrets
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .sampling import Sampler, SamplingSettings, frames_as_atoms, plan_runs, summarize
+from .state import OWNER_ENV, State, WorkdirLock, end_orphans, write_atomic
+
+DB_NAME = "data.db"
+LOG_NAME = "al.log"
+REPORT_NAME = "report.csv"
+CURVE_NAME = "learning_curve.png"
+
+
+# ---------------------------------------------------------------------- what the loop needs
+@dataclass
+class LoopPlan:
+    """Everything the loop takes from the TOML configuration, resolved (paths absolute)."""
+
+    workdir: Path
+    structures: dict[str, str]            # name -> structure file
+    temperatures: list[float]             # K
+    backend: str
+    backend_options: dict = field(default_factory=dict)
+    label_workers: int = 1
+    train: dict = field(default_factory=dict)      # TrainConfig fields (committee, epochs, model, ...)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    patience: int = 3
+    max_iterations: int = 20
+    relax_reference: bool = True
+    seed: int = 0
+    initial_data: object = None           # al_manager.initial_data.InitialDataSettings (None: defaults)
+
+
+def plan_from_config(cfg) -> LoopPlan:
+    """Map the typed configuration (:class:`al_manager.config.ALConfig`) onto what the loop uses."""
+    from .config import loop_plan
+
+    return loop_plan(cfg)
+
+
+# ---------------------------------------------------------------------- log
+class StepLog:
+    """One line per step, to stdout and ``WORKDIR/al.log`` (appended, flushed at once)."""
+
+    def __init__(self, workdir: Path, stream=None):
+        self.path = Path(workdir) / LOG_NAME
+        self.stream = sys.stdout if stream is None else stream
+
+    def __call__(self, message: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+        if self.stream is not None:
+            print(line, file=self.stream, flush=True)
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT reached the manager: children are ended, the state stays resumable."""
+
+
+@contextlib.contextmanager
+def _signals_raise():
+    """SIGTERM/SIGINT/SIGHUP become an exception, so every ``finally`` ends its children."""
+    def handler(signum, frame):
+        raise Interrupted(f"signal {signal.Signals(signum).name}")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _owner_tag(token: str):
+    """Children (i-PI, MPI ranks, label and training workers) inherit the work directory's tag."""
+    before = os.environ.get(OWNER_ENV)
+    os.environ[OWNER_ENV] = token
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(OWNER_ENV, None)
+        else:
+            os.environ[OWNER_ENV] = before
+
+
+# ---------------------------------------------------------------------- the manager
+class Manager:
+    def __init__(self, plan: LoopPlan, state: State, log: Callable[[str], None], make_initial: Callable | None = None):
+        self.plan = plan
+        self.state = state
+        self.log = log
+        self.workdir = plan.workdir
+        self.db = self.workdir / DB_NAME
+        self.make_initial = make_initial
+        self._references = None
+
+    # -- paths ----------------------------------------------------------------------------------
+    def model_dir(self, iteration: int) -> Path:
+        return self.workdir / "models" / f"iter_{iteration:03d}"
+
+    def iter_dir(self, iteration: int) -> Path:
+        return self.workdir / "iterations" / f"iter_{iteration:03d}"
+
+    def n_labels(self, **selection) -> int:
+        """Labelled structures in the dataset (optionally only those with given key-value pairs)."""
+        if not self.db.exists():
+            return 0
+        from driver.data import connect
+
+        return connect(self.db).count(**selection)
+
+    def n_failed(self, origin: str) -> int:
+        from al_manager.reference.labelling import read_failures
+
+        return sum(1 for r in read_failures(self.db) if (r.get("metadata") or {}).get("origin") == origin)
+
+    # -- the state machine -----------------------------------------------------------------------
+    def run(self, init_only: bool = False) -> int:
+        steps = {"initial_data": self.initial_data, "initial_label": self.initial_label,
+                 "initial_train": self.initial_train, "sampling": self.sampling, "labelling": self.labelling,
+                 "training": self.training, "measure": self.measure}
+        self._maybe_reopen()
+        while True:
+            phase, k = self.state.phase, self.state.iteration
+            if phase == "done":
+                self.log(f"finished: {self.state.get('stop_reason')}; report {self.workdir / REPORT_NAME}, "
+                         f"models {self._model_of(self.final_iteration())}")
+                return 0
+            if init_only and k >= 1:
+                self.log(f"initial committee ready: {self.model_dir(0)} ({self.n_labels()} labels); "
+                         f"continue with `nanosil al run`")
+                return 0
+            if phase not in steps:
+                raise ValueError(f"{self.workdir / 'state.json'}: unknown phase {phase!r}")
+            steps[phase]()
+
+    def final_iteration(self) -> int:
+        done = [int(k) for k, r in self.state["iterations"].items() if r.get("measured")]
+        return max(done, default=0)
+
+    def _maybe_reopen(self) -> None:
+        """A finished work directory whose stopping rule no longer holds (max_iterations raised in the
+        configuration) goes on with the next iteration."""
+        if self.state.phase != "done":
+            return
+        k = self.final_iteration()
+        if (self.state.get("stop_reason") or "").startswith("max_iterations") and k < self.plan.max_iterations \
+                and self.state.get("since_best", 0) < self.plan.patience:
+            self.log(f"max_iterations raised to {self.plan.max_iterations}: continuing after iteration {k}")
+            self.state["stop_reason"] = None
+            self.state.set_phase("sampling", k + 1)
+
+    # -- iteration 0 -------------------------------------------------------------------------------
+    def initial_data(self) -> None:
+        from ase.io import read, write
+
+        folder = self.workdir / "initial"
+        folder.mkdir(parents=True, exist_ok=True)
+        # the reference harmonic analysis first: the initial data start from the same relaxed minimum and
+        # reuse its displaced calculations (the expensive part with a DFT backend)
+        references = self.references()
+        total = 0
+        for name, path in self.plan.structures.items():
+            out = folder / f"{name}.extxyz"
+            if out.exists():
+                total += len(read(str(out), index=":"))
+                continue
+            t0 = time.time()
+            if self.make_initial is not None:
+                frames = self.make_initial(name, path)
+            else:
+                frames = self._make_initial(name, references[name].atoms)
+            for atoms in frames:
+                atoms.info.setdefault("cluster", name)
+            tmp = folder / f".{name}.extxyz.tmp"
+            write(str(tmp), frames, format="extxyz")
+            os.replace(tmp, out)
+            total += len(frames)
+            self.log(f"initial data: {name}: {len(frames)} structures (normal modes + FPS) "
+                     f"in {time.time() - t0:.0f} s -> {out.relative_to(self.workdir)}")
+        self.state["initial"]["n_frames"] = total
+        self.state.set_phase("initial_label", 0)
+
+    def _make_initial(self, name: str, minimum):
+        from al_manager.reference.base import get_backend
+
+        from .initial_data import InitialDataSettings, make_initial_data
+
+        from .measure import clear_interrupted_cache
+
+        settings = self.plan.initial_data or InitialDataSettings()
+        backend = get_backend(self.plan.backend, **(self.plan.backend_options or {}))
+        displacements = self.workdir / "reference" / f"{name}_displacements"
+        clear_interrupted_cache(displacements)
+        return make_initial_data(minimum, backend, settings, name=name, workdir=displacements,
+                                 log=lambda m: self.log(f"initial data: {m}"))
+
+    def initial_label(self) -> None:
+        from ase.io import read
+
+        frames = []
+        for name in self.plan.structures:
+            frames += read(str(self.workdir / "initial" / f"{name}.extxyz"), index=":")
+        report = self._label(frames, origin_default="normal_modes", source="initial data")
+        self.state["initial"].update(labelled=self.n_labels(), failed=len(frames) - self.n_labels())
+        self.state.set_phase("initial_train", 0)
+
+    def initial_train(self) -> None:
+        self._train(0, warm_start=None)
+        self.state.set_phase("measure", 0)
+
+    # -- iteration k ------------------------------------------------------------------------------
+    def sampling(self) -> None:
+        k = self.state.iteration
+        specs = plan_runs(self.start_structures(), self.plan.temperatures)
+        self.state.iteration_record(k)
+        self.state.save()
+        model = self._model_of(k - 1)
+        self.log(f"iteration {k}: sampling {len(specs)} run(s) ({len(self.plan.structures)} structure(s) x "
+                 f"{len(self.plan.temperatures)} temperature(s)), {self.plan.sampling.max_parallel} at a time, "
+                 f"model {model.name}")
+        t0 = time.time()
+        record = Sampler(self.state, k, specs, model, self.iter_dir(k), self.plan.sampling,
+                         previous_iter_dir=self.iter_dir(k - 1) if k > 1 else None, log=self.log).run()
+        s = summarize(record)
+        record["sampling_seconds"] = round(record.get("sampling_seconds", 0.0) + time.time() - t0, 1)
+        self.log(f"iteration {k}: sampling done: {s['frames']} uncertain frame(s) from {s['runs']} run(s) "
+                 f"({s['done']} done, {s['crashed']} crashed, {s['exploded']} exploded; {s['md_ps']} ps of MD)")
+        self.state.set_phase("labelling", k)
+
+    def labelling(self) -> None:
+        k = self.state.iteration
+        record = self.state.iteration_record(k)
+        frames = frames_as_atoms(record)
+        if frames:
+            origin = f"al_iter_{k:03d}"
+            report = self._label(frames, origin_default=origin, source=f"iteration {k}")
+            # counted from the database, so a labelling step resumed after a kill counts every label once
+            record.update(new_labels=self.n_labels(origin=origin), failed_labels=self.n_failed(origin))
+            record["failures"] = [{"frame": f.frame, "reason": f.reason} for f in report.failures]
+        else:
+            record.update(new_labels=0, failed_labels=0)
+            self.log(f"iteration {k}: no uncertain frame: nothing to label")
+        record["label_done"] = True
+        self.state.set_phase("training", k)
+
+    def training(self) -> None:
+        k = self.state.iteration
+        record = self.state.iteration_record(k)
+        previous = self._model_of(k - 1)
+        if not record.get("new_labels"):
+            # no new data: the committee of the previous iteration stays in use
+            record["model"] = str(previous.relative_to(self.workdir))
+            record["trained"] = False
+            self.log(f"iteration {k}: no new labels: keeping {previous.name}")
+        else:
+            self._train(k, warm_start=previous)
+            record["model"] = str(self.model_dir(k).relative_to(self.workdir))
+            record["trained"] = True
+        self.state.set_phase("measure", k)
+
+    def start_structures(self) -> dict[str, str]:
+        """Where sampling starts: each structure's minimum relaxed with the reference method (the minimum
+        the initial data were built around), or its file when it was not relaxed."""
+        out = {}
+        for name, path in self.plan.structures.items():
+            relaxed = self.workdir / "reference" / f"{name}_relaxed.extxyz"
+            out[name] = str(relaxed) if self.plan.relax_reference and relaxed.is_file() else path
+        return out
+
+    def _model_of(self, k: int) -> Path:
+        if k == 0:
+            return self.model_dir(0)
+        model = self.state["iterations"].get(str(k), {}).get("model")
+        return self.workdir / model if model else self.model_dir(k)
+
+    # -- measure, report, stop ----------------------------------------------------------------------
+    def references(self):
+        from .measure import reference_harmonics
+
+        if self._references is None:
+            self._references = reference_harmonics(self.plan.structures, self.plan.backend,
+                                                    self.workdir / "reference", self.plan.backend_options,
+                                                    relax=self.plan.relax_reference, log=self.log)
+        return self._references
+
+    def measure(self) -> None:
+        from .measure import harmonic_errors, validation_errors
+
+        k = self.state.iteration
+        model = self._model_of(k)
+        t0 = time.time()
+        errors = harmonic_errors(model, self.references())
+        val = validation_errors(model)
+        per = ", ".join(f"{n} {e['mae_cm-1']:.2f}" if not math.isnan(e["mae_cm-1"])
+                        else f"{n} n/a (committee relaxation failed: {e.get('error', 'not converged')})"
+                        for n, e in errors["structures"].items())
+        row = {"iteration": k, "labels": self.n_labels(), "harmonic_mae_cm-1": errors["mae_cm-1"],
+               "harmonic_rmse_cm-1": errors["rmse_cm-1"], "model": str(model.relative_to(self.workdir)),
+               "val_energy_mae_meV_per_atom": val.get("energy_mae_meV_per_atom"),
+               "val_force_mae_eV_per_A": val.get("force_mae_eV_per_A"), "val_dipole_mae_D": val.get("dipole_mae_D")}
+        if k == 0:
+            init = self.state["initial"]
+            row.update(new_labels=init.get("labelled", 0), failed_labels=init.get("failed", 0))
+            holder = init
+        else:
+            rec = self.state.iteration_record(k)
+            s = summarize(rec)
+            row.update(new_labels=rec.get("new_labels", 0), failed_labels=rec.get("failed_labels", 0),
+                       flagged_frames=s["frames"], runs=s["runs"], runs_done=s["done"], runs_crashed=s["crashed"],
+                       runs_exploded=s["exploded"], md_ps=s["md_ps"])
+            holder = rec
+        holder["measured"] = {"harmonic": errors, "validation": val}
+        holder["row"] = row
+        row["seconds"] = round(time.time() - self.state.get("started_iteration", time.time()), 1)
+        self._write_report()
+        mae = errors["mae_cm-1"]
+        best = self.state.get("best_mae")
+        improved = not math.isnan(mae) and (best is None or mae < best)
+        if improved:
+            self.state["best_mae"], self.state["best_iteration"], self.state["since_best"] = mae, k, 0
+        elif k > 0:
+            self.state["since_best"] = self.state.get("since_best", 0) + 1
+        trend = "best so far" if improved else f"no improvement for {self.state.get('since_best', 0)} iteration(s)"
+        self.log(f"iteration {k}: harmonic MAE {mae:.2f} cm^-1, RMSE {errors['rmse_cm-1']:.2f} cm^-1 "
+                 f"({per}); validation {_fmt_val(val)}; {row['labels']} labels; {trend} [{time.time() - t0:.0f} s]")
+        stop = None
+        if k >= 1 and self.state.get("since_best", 0) >= self.plan.patience:
+            stop = (f"patience: the harmonic MAE has not improved for {self.plan.patience} iteration(s) "
+                    f"(best {self.state['best_mae']:.2f} cm^-1 at iteration {self.state['best_iteration']})")
+        elif k >= self.plan.max_iterations:
+            stop = f"max_iterations ({self.plan.max_iterations}) reached"
+        self.state["started_iteration"] = time.time()
+        if stop:
+            self.state["stop_reason"] = stop
+            self.state.set_phase("done", k)
+        else:
+            self.state.set_phase("sampling", k + 1)
+
+    def _write_report(self) -> None:
+        from .report import plot_learning_curve, write_report_csv
+
+        rows = [self.state["initial"]["row"]] if self.state["initial"].get("row") else []
+        rows += [r["row"] for _, r in sorted(self.state["iterations"].items(), key=lambda kv: int(kv[0]))
+                 if r.get("row")]
+        write_report_csv(self.workdir / REPORT_NAME, rows)
+        try:
+            plot_learning_curve(self.workdir / CURVE_NAME, rows,
+                                title=f"{', '.join(self.plan.structures)} ({self.plan.backend})")
+        except Exception as exc:  # a plotting problem must not stop the learning
+            self.log(f"warning: learning curve not drawn: {exc}")
+
+    # -- shared steps ---------------------------------------------------------------------------------
+    def _label(self, frames, origin_default: str, source: str):
+        from al_manager.reference.labelling import label_structures
+
+        metadata = []
+        for atoms in frames:
+            meta = {"origin": atoms.info.get("origin") or origin_default}
+            if atoms.info.get("cluster"):
+                meta["cluster"] = str(atoms.info["cluster"])
+            if atoms.info.get("temperature") is not None:
+                meta["temperature"] = float(atoms.info["temperature"])
+            metadata.append(meta)
+        workers = max(1, int(self.plan.label_workers))
+        t0 = time.time()
+        report = label_structures(frames, self.plan.backend, self.db, workers=workers,
+                                  backend_options=self.plan.backend_options or None, metadata=metadata,
+                                  executor="serial" if workers == 1 else "process", source=source,
+                                  progress=False)
+        self.log(f"{source}: labelled {len(frames)} frame(s) with {self.plan.backend}: {report.summary()}; "
+                 f"{self.n_labels()} labels in {self.db.name} [{time.time() - t0:.0f} s]")
+        for failure in report.failures[:5]:
+            self.log(f"{source}: label failed: {failure.frame}: {failure.reason}")
+        return report
+
+    def _train(self, k: int, warm_start: Path | None) -> None:
+        from driver.training import TrainConfig, train_committee
+
+        out = self.model_dir(k)
+        if (out / "committee.json").is_file():
+            self.log(f"iteration {k}: {out.relative_to(self.workdir)} already trained")
+            return
+        options = dict(self.plan.train)
+        # the loop logs one line per step; members' epoch lines only when asked for ([train] log_every)
+        options.setdefault("log_every", 10**6)
+        if warm_start is not None:
+            options["warm_start"] = str(warm_start)
+        cfg = TrainConfig(**options)
+        t0 = time.time()
+        self.log(f"iteration {k}: training {cfg.committee} + {cfg.dipole_members} member(s) on {self.n_labels()} "
+                 f"labels{f' (warm start from {Path(warm_start).name})' if warm_start else ''}")
+        committee = train_committee(self.db, out, cfg)
+        val = (committee.metadata or {}).get("errors", {}).get("validation", {})
+        self.log(f"iteration {k}: committee {committee.version} -> {out.relative_to(self.workdir)} "
+                 f"[{time.time() - t0:.0f} s]; validation {_fmt_val(val)}")
+
+
+def _fmt_val(val: dict) -> str:
+    if not val:
+        return "n/a"
+    parts = [f"E {val.get('energy_mae_meV_per_atom', float('nan')):.2f} meV/atom",
+             f"F {val.get('force_mae_eV_per_A', float('nan')):.3f} eV/Å"]
+    if val.get("dipole_mae_D") is not None:
+        parts.append(f"μ {val['dipole_mae_D']:.3f} D")
+    return ", ".join(parts) + " (MAE)"
+
+
+# ---------------------------------------------------------------------- entry point
+def run_loop(plan: LoopPlan, *, init_only: bool = False, make_initial: Callable | None = None,
+             stream=None, config_text: str | None = None) -> int:
+    """Run (or resume) active learning in ``plan.workdir``. Returns 0 when finished (or, with
+    ``init_only``, once the initial committee is measured)."""
+    workdir = plan.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    with WorkdirLock(workdir):
+        state = State.load(workdir, create=True)
+        log = StepLog(workdir, stream)
+        here = str(workdir.resolve())
+        if state.get("workdir") not in (None, here):
+            # a copied or moved work directory: processes tagged with the old token belong to the original
+            state["token"] = secrets.token_hex(8)
+            state["children"] = []
+            log(f"work directory moved or copied from {state['workdir']}: new owner tag")
+        state["workdir"] = here
+        state.save()
+        _check_same_structures(state, plan)
+        if config_text is not None and not (workdir / "config.toml").exists():
+            write_atomic(workdir / "config.toml", config_text)
+        found = end_orphans(state)
+        if found:
+            log(f"resume: ended {len(found)} process(es) left by an interrupted manager (PIDs "
+                f"{', '.join(map(str, found))})")
+        if state.phase != "initial_data" or state.iteration:
+            log(f"resume: phase {state.phase}, iteration {state.iteration}, {Manager(plan, state, log).n_labels()} labels")
+        else:
+            log(f"start: {len(plan.structures)} structure(s) ({', '.join(plan.structures)}), temperatures "
+                f"{', '.join(f'{t:g}' for t in plan.temperatures)} K, backend {plan.backend}, work directory {workdir}")
+        if "started_iteration" not in state.data:
+            state["started_iteration"] = time.time()
+        manager = Manager(plan, state, log, make_initial=make_initial)
+        with _owner_tag(state.token), _signals_raise():
+            try:
+                return manager.run(init_only=init_only)
+            except Interrupted as exc:
+                log(f"interrupted by {exc} during {state.phase} (iteration {state.iteration}); rerun the same "
+                    f"command to resume")
+                return 130
+            finally:
+                left = end_orphans(state, grace=3.0)
+                if left:
+                    log(f"ended {len(left)} leftover child process(es)")
+
+
+def _check_same_structures(state: State, plan: LoopPlan) -> None:
+    """A work directory belongs to one set of structures and temperatures: resuming it with others would
+    mix runs. (Thresholds, sizes and limits may change between resumes.)"""
+    key = {"structures": {n: str(Path(p).resolve()) for n, p in plan.structures.items()},
+           "temperatures": [float(t) for t in plan.temperatures], "backend": plan.backend}
+    recorded = state.get("identity")
+    if recorded is None:
+        state["identity"] = key
+        state.save()
+        return
+    for field_name in ("structures", "temperatures", "backend"):
+        if recorded.get(field_name) != key[field_name]:
+            raise ValueError(f"work directory {plan.workdir} was started with {field_name} = "
+                             f"{json.dumps(recorded.get(field_name))}; the configuration now says "
+                             f"{json.dumps(key[field_name])}: use a new work directory")

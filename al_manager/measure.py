@@ -1,0 +1,180 @@
+"""How good is a committee: its harmonic frequencies against the reference method's, per structure and
+pooled (the paper's stopping criterion and Fig. 3 a), plus its validation errors.
+
+Reference side (computed once per work directory and cached): each structure is relaxed with the reference
+backend, then ``backend.harmonic`` gives its frequencies; the result is kept in
+``WORKDIR/reference/harmonic.json`` (and one CSV per structure, and the relaxed geometry as extxyz) so a
+resumed or repeated measurement never recomputes it.
+
+Committee side: starting from the reference minimum, the structure is relaxed on the committee's mean
+energy surface (``NanosilCalculator``, float64, BFGS), then the exact autograd Hessian gives the normal
+modes through ASE's ``VibrationsData``. The six lowest frequencies (translations and rotations) are
+dropped on both sides and the remaining 3N-6, sorted, are compared mode by mode; imaginary frequencies
+count as negative numbers. Frequencies are in cm^-1.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from ase import Atoms
+
+from .state import write_atomic, write_json_atomic
+
+N_RIGID = 6  # translations and rotations of a non-linear cluster
+
+
+def vibrational(frequencies) -> np.ndarray:
+    """The 3N-6 vibrational frequencies (cm^-1), sorted: the six closest to zero are dropped."""
+    f = np.asarray(frequencies, dtype=float)
+    keep = np.sort(np.argsort(np.abs(f), kind="stable")[N_RIGID:])
+    return np.sort(f[keep])
+
+
+def real_frequencies(complex_frequencies) -> np.ndarray:
+    """ASE's complex frequencies (cm^-1) as reals, imaginary ones negative."""
+    c = np.asarray(complex_frequencies, dtype=complex)
+    return np.where(np.abs(c.imag) > np.abs(c.real), -np.abs(c.imag), c.real)
+
+
+def clear_interrupted_cache(folder: str | os.PathLike) -> int:
+    """Remove the entries of an ASE vibrations cache that a killed run left unfinished. ASE creates a
+    displacement's file empty when its calculation starts (a lock for parallel workers) and fills it at
+    the end; after a SIGKILL the empty file would make every rerun skip that displacement and then fail to
+    read it. Only call this while holding the work directory's lock. Returns how many were removed."""
+    removed = 0
+    for path in Path(folder).glob("**/cache.*.json"):
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+# ---------------------------------------------------------------------- reference side
+@dataclass
+class ReferenceHarmonic:
+    name: str
+    atoms: Atoms                 # relaxed with the reference method (Å)
+    frequencies: np.ndarray      # (3N,) cm^-1, ascending, imaginary negative
+    intensities: np.ndarray      # (3N,) km/mol
+    energy: float                # eV at the relaxed geometry
+    method: str
+
+
+def reference_harmonics(structures: dict[str, str], backend: str, cache_dir: str | os.PathLike,
+                        backend_options: dict | None = None, relax: bool = True, fmax: float = 1e-3,
+                        log: Callable[[str], None] = print) -> dict[str, ReferenceHarmonic]:
+    """Reference harmonic analysis of every structure (name -> file), computed once and cached in
+    ``cache_dir`` (``harmonic.json``, ``NAME_harmonic.csv``, ``NAME_relaxed.extxyz``)."""
+    from ase.io import write
+
+    from al_manager.reference.base import get_backend
+    from ipi_inputs import read_cluster
+
+    cache_dir = Path(cache_dir)
+    cache_file = cache_dir / "harmonic.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    be = None
+    out = {}
+    for name, path in structures.items():
+        entry = cache.get(name)
+        if entry is None or entry.get("method") != _method(backend, backend_options, be):
+            if be is None:
+                be = get_backend(backend, **(backend_options or {}))
+                be.check_available()
+            atoms = read_cluster(path)
+            relaxed = be.relax(atoms, fmax=fmax) if relax else atoms
+            displacements = cache_dir / f"{name}_displacements"
+            if clear_interrupted_cache(displacements):
+                log(f"reference harmonic frequencies of {name}: redoing displacements interrupted by a kill")
+            har = be.harmonic(relaxed, workdir=displacements)
+            energy = float(be.label(relaxed).energy)
+            entry = {"method": be.method, "file": str(path), "relaxed": relax, "energy_eV": energy,
+                     "numbers": [int(z) for z in relaxed.numbers], "positions_A": relaxed.positions.tolist(),
+                     "frequencies_cm-1": np.asarray(har.frequencies, float).tolist(),
+                     "intensities_km/mol": np.asarray(har.intensities, float).tolist()}
+            cache[name] = entry
+            write_json_atomic(cache_file, cache)
+            rows = ["mode,frequency_cm-1,intensity_km/mol"] + [
+                f"{i},{f:.4f},{a:.4f}" for i, (f, a) in enumerate(zip(entry["frequencies_cm-1"],
+                                                                     entry["intensities_km/mol"]))]
+            write_atomic(cache_dir / f"{name}_harmonic.csv", "\n".join(rows) + "\n")
+            write(str(cache_dir / f"{name}_relaxed.extxyz"), relaxed, format="extxyz")
+            vib = vibrational(entry["frequencies_cm-1"])
+            log(f"reference harmonic frequencies of {name} ({be.method}): {len(vib)} modes, "
+                f"{vib.min():.1f} to {vib.max():.1f} cm^-1")
+        atoms = Atoms(numbers=entry["numbers"], positions=entry["positions_A"])
+        out[name] = ReferenceHarmonic(name, atoms, np.asarray(entry["frequencies_cm-1"]),
+                                      np.asarray(entry["intensities_km/mol"]), float(entry["energy_eV"]),
+                                      entry["method"])
+    return out
+
+
+def _method(backend: str, options: dict | None, be) -> str:
+    if be is not None:
+        return be.method
+    from al_manager.reference.base import get_backend
+
+    return get_backend(backend, **(options or {})).method
+
+
+# ---------------------------------------------------------------------- committee side
+def committee_frequencies(calc, start: Atoms, fmax: float = 1e-3, steps: int = 300) -> tuple[np.ndarray, dict]:
+    """Relax ``start`` on the committee surface (``calc``: a NanosilCalculator) and return its 3N
+    frequencies (cm^-1, ascending, imaginary negative) and a small note (converged, steps, rmsd Å)."""
+    from ase.optimize import BFGS
+    from ase.vibrations import VibrationsData
+
+    atoms = Atoms(numbers=start.numbers, positions=start.positions)
+    atoms.calc = calc
+    opt = BFGS(atoms, logfile=None, maxstep=0.1)
+    try:
+        converged = bool(opt.run(fmax=fmax, steps=steps))
+    except Exception as exc:  # a committee far from converged can produce NaN forces
+        return np.full(3 * len(atoms), np.nan), {"converged": False, "error": str(exc)[:200]}
+    if not np.all(np.isfinite(atoms.positions)):
+        return np.full(3 * len(atoms), np.nan), {"converged": False, "error": "non-finite positions"}
+    hessian = calc.hessian(atoms)
+    hessian = 0.5 * (hessian + hessian.T)
+    freqs = real_frequencies(VibrationsData.from_2d(atoms, hessian).get_frequencies())
+    rmsd = float(np.sqrt(np.mean(np.sum((atoms.positions - start.positions) ** 2, axis=1))))
+    return np.sort(freqs), {"converged": converged, "steps": int(opt.nsteps), "rmsd_A": rmsd}
+
+
+def harmonic_errors(models_dir: str | os.PathLike, references: dict[str, ReferenceHarmonic]) -> dict:
+    """MAE and RMSE (cm^-1) of the committee's harmonic frequencies against the reference, pooled over
+    every vibrational mode of every structure, and per structure."""
+    from driver.calculator import NanosilCalculator
+
+    calc = NanosilCalculator(str(models_dir))
+    per, pooled = {}, []
+    for name, ref in references.items():
+        freqs, note = committee_frequencies(calc, ref.atoms)
+        diff = vibrational(freqs) - vibrational(ref.frequencies)
+        if not np.all(np.isfinite(diff)):
+            per[name] = {"mae_cm-1": float("nan"), "rmse_cm-1": float("nan"), **note}
+            pooled.append(np.full(len(diff), np.nan))
+            continue
+        per[name] = {"mae_cm-1": float(np.abs(diff).mean()), "rmse_cm-1": float(np.sqrt((diff**2).mean())),
+                     "max_abs_cm-1": float(np.abs(diff).max()), **note}
+        pooled.append(diff)
+    alld = np.concatenate(pooled) if pooled else np.array([np.nan])
+    return {"mae_cm-1": float(np.abs(alld).mean()), "rmse_cm-1": float(np.sqrt((alld**2).mean())),
+            "n_modes": int(alld.size), "structures": per}
+
+
+def validation_errors(models_dir: str | os.PathLike) -> dict:
+    """The committee's validation errors as recorded at training time (``committee.json`` metadata)."""
+    meta_file = Path(models_dir) / "committee.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    errors = (meta.get("metadata") or {}).get("errors") or {}
+    return dict(errors.get("validation") or {})

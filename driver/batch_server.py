@@ -1,0 +1,607 @@
+"""One driver process for many i-PI servers: every waiting structure goes through one batched pass.
+
+    python -m driver.batch_server --models MODELS_DIR --target NAME=CLUSTER.xyz [--target ...]
+        [--log-dir DIR] [--stop-above 1.0 --stop-measure force] [--fragment-distance 4.0] [--threads 1]
+    python -m driver.batch_server --models MODELS_DIR --control -      # targets arrive as JSON lines on stdin
+
+i-PI is the server of its socket protocol, so this process is the *client* of N i-PI servers (one per
+trajectory, UNIX sockets by default). Each connection is served by :meth:`driver.ipi_client.IPIClient.serve`
+in its own thread; its ``compute`` callback only queues the structure and waits. The batching loop takes
+every queued structure (after waiting briefly for the other trajectories, see ``gather``), splits them into
+groups of similar size (padding a 5-atom cluster to 35 atoms would cost more than it saves; see
+:func:`partition_by_size`) and evaluates each group with one :meth:`Committee.predict_batch` call. Replies
+are exactly those of ``nanosil-driver`` (:func:`driver.pes.ipi_reply`): energy, forces, zero virial and the
+extras JSON (dipole in e·Bohr, energy_std_per_atom, max_force_std, dipole_std, uncertain, exploded).
+
+Trusted region (per trajectory): when the committee disagreement reaches ``--stop-above`` (max force std in
+eV/Å, or energy std per atom in eV/atom with ``--stop-measure energy``), or when the cluster falls apart
+(its graph of atoms closer than ``--fragment-distance`` Å is no longer connected), the connection is closed
+without a reply: i-PI (``exit_on_disconnect``) then stops and writes a restartable checkpoint. The event is
+reported on stdout.
+
+Per trajectory, ``<log>`` (``--log-dir``/NAME.uncertainty.csv, or the ``log`` of a control message) records
+the disagreement of every step: ``step,energy_std_per_atom_eV,max_force_std_eV_per_A,dipole_std_eA``
+(step = MD step: the request index plus ``step_offset``, 0 = i-PI's first configuration); a stopped
+trajectory also gets ``<log>.stop.json`` with the reason.
+
+Machine-readable events go to stdout, one JSON object per line (``event`` = ``connected``, ``finished``,
+``stopped``, ``disconnected``, ``error``, ``progress``, ``idle``); human messages go to stderr.
+
+Control messages (``--control -``), one JSON object per line: ``{"add": {"id": ..., "socket": "unix:NAME",
+"structure": PATH, "log": PATH, "step_offset": 0}}`` and ``{"shutdown": true}``. End of input also shuts
+the server down (the campaign that started it is gone): open connections are closed, so their i-PI
+servers write checkpoints and stop.
+
+Threads: torch uses ``--threads`` (default 1) intra-op threads; connection threads only do socket I/O.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+PROG = "nanosil-batch-driver"
+LOG_COLUMNS = ("step", "energy_std_per_atom_eV", "max_force_std_eV_per_A", "dipole_std_eA")
+
+# Cost model of one predict_batch call, in "atom" units, fitted on P1..O10 with the default model sizes on
+# 1 thread: t(B, N) ~ 17 ms + B (0.64 N + 0.015 N^2) ms, i.e. a fixed cost worth ~26 atoms and a pair term
+# N^2/42. Only the ratios matter: they decide when padding small clusters to a big one pays off.
+CALL_COST_ATOMS = 26.0
+PAIR_COST_DIVISOR = 42.0
+
+
+class UsageError(Exception):
+    """Bad input: one line on stderr, exit status 2."""
+
+
+class StopTrajectory(Exception):
+    """The trajectory left the trusted region: close its connection without replying."""
+
+    def __init__(self, reason: str, step: int, measure: float | None = None):
+        super().__init__(reason)
+        self.reason, self.step, self.measure = reason, step, measure
+
+
+@dataclass(frozen=True)
+class TrustRegion:
+    """When a trajectory is stopped. ``cap``: committee disagreement (eV/Å for ``measure="force"``, eV/atom
+    for ``"energy"``) at or above which the model is not trusted; ``fragment_distance`` (Å): the cluster has
+    fallen apart when its graph of atoms closer than this is disconnected (checked every ``check_every``
+    steps). None switches a check off."""
+
+    cap: float | None = None
+    measure: str = "force"
+    fragment_distance: float | None = None
+    check_every: int = 10
+
+    def __post_init__(self):
+        if self.measure not in ("force", "energy"):
+            raise ValueError(f"stop measure must be 'force' or 'energy', got {self.measure!r}")
+        for name in ("cap", "fragment_distance"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name.replace('_', ' ')} must be a positive number, got {value}")
+        if self.check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {self.check_every}")
+
+    @property
+    def unit(self) -> str:
+        return "eV/Å" if self.measure == "force" else "eV/atom"
+
+    def value(self, prediction) -> float:
+        return float(prediction.max_force_std if self.measure == "force" else prediction.energy_std_per_atom)
+
+    def verdict(self, prediction, positions: np.ndarray, step: int) -> StopTrajectory | None:
+        measure = self.value(prediction)
+        if not math.isfinite(measure) or not np.all(np.isfinite(prediction.forces)):
+            return StopTrajectory("non-finite committee prediction (NaN/inf)", step, measure)
+        if self.cap is not None and measure >= self.cap:
+            name = "max force std" if self.measure == "force" else "energy std per atom"
+            return StopTrajectory(f"{name} {measure:.4g} {self.unit} >= cap {self.cap:g} {self.unit}", step, measure)
+        if self.fragment_distance is not None and step % self.check_every == 0:
+            sizes = fragments(positions, self.fragment_distance)
+            if len(sizes) > 1:
+                return StopTrajectory(f"cluster fell apart into fragments of {'+'.join(map(str, sizes))} atoms "
+                                      f"(no atom within {self.fragment_distance:g} Å of the rest)", step, measure)
+        return None
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def fragments(positions: np.ndarray, distance: float) -> list[int]:
+    """Sizes (largest first) of the connected parts of the graph of atoms closer than ``distance`` (Å)."""
+    pos = np.asarray(positions, dtype=float)
+    n = len(pos)
+    if n < 2:
+        return [n]
+    near = np.linalg.norm(pos[:, None] - pos[None], axis=-1) < distance
+    label = -np.ones(n, dtype=int)
+    sizes = []
+    for start in range(n):
+        if label[start] >= 0:
+            continue
+        label[start] = len(sizes)
+        todo, count = [start], 0
+        while todo:
+            i = todo.pop()
+            count += 1
+            for j in np.flatnonzero(near[i] & (label < 0)):
+                label[j] = len(sizes)
+                todo.append(int(j))
+        sizes.append(count)
+    return sorted(sizes, reverse=True)
+
+
+def partition_by_size(sizes: list[int], call_cost: float = CALL_COST_ATOMS,
+                      pair_divisor: float = PAIR_COST_DIVISOR) -> list[list[int]]:
+    """Split structures (atom counts ``sizes``) into groups evaluated by one padded call each, minimising
+    sum over groups of ``call_cost + len(group) * (n_max + n_max^2 / pair_divisor)`` (dynamic programming
+    over the sizes in ascending order; optimal among contiguous groups, which is where the optimum lies).
+    Returns lists of indices into ``sizes``."""
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    n = len(order)
+    if n == 0:
+        return []
+    best = [0.0] + [math.inf] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        n_max = sizes[order[j - 1]]
+        per = n_max + n_max * n_max / pair_divisor
+        for i in range(j):
+            cost = best[i] + call_cost + (j - i) * per
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+@dataclass
+class Target:
+    """One trajectory to serve: its i-PI socket, its species (from ``structure``) and where to log."""
+
+    id: str
+    socket: str                      # "unix:NAME" (i-PI listens on sockets_prefix + NAME) or "HOST:PORT"
+    structure: str
+    log: str | None = None
+    step_offset: int = 0             # MD step of i-PI's first request (a restart from a checkpoint)
+    sockets_prefix: str = "/tmp/ipi_"
+    connect_timeout: float = 120.0
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Target":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown target key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        missing = [k for k in ("id", "socket", "structure") if k not in data]
+        if missing:
+            raise ValueError(f"target needs {', '.join(missing)}")
+        return cls(**data)
+
+
+@dataclass
+class _Request:
+    connection: "_Connection"
+    positions: np.ndarray            # (N, 3) Å
+    step: int
+    created: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    reply: tuple | None = None
+    error: BaseException | None = None
+
+
+class _Connection:
+    def __init__(self, target: Target, numbers: np.ndarray, flagger=None):
+        self.target = target
+        self.numbers = numbers
+        self.flagger = flagger
+        self.requests = 0
+        self.serving = False         # connected and answering: the batcher waits for it when gathering
+        self.client = None
+        self.log_file = None
+        if target.log:
+            path = Path(target.log)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            new = not path.exists() or path.stat().st_size == 0
+            self.log_file = open(path, "a", buffering=1)
+            if new:
+                self.log_file.write(",".join(LOG_COLUMNS) + "\n")
+
+    @property
+    def step(self) -> int:
+        return self.target.step_offset + self.requests
+
+    def log(self, step: int, prediction) -> None:
+        if self.log_file is None:
+            return
+        dip = "" if prediction.dipole_std is None else f"{prediction.dipole_std:.6g}"
+        self.log_file.write(f"{step},{prediction.energy_std_per_atom:.6g},{prediction.max_force_std:.6g},{dip}\n")
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
+        if self.flagger is not None:
+            self.flagger.close()
+
+
+class BatchServer:
+    """Serves many i-PI connections with one committee. ``emit(dict)`` receives the events."""
+
+    def __init__(self, committee, trust: TrustRegion | None = None, flag_config=None, gather_s: float = 0.02,
+                 emit=None, say=None, progress_every: float = 2.0):
+        self.committee = committee
+        self.trust = trust or TrustRegion()
+        self.flag_config = flag_config
+        self.gather_s = gather_s
+        self.emit = emit or (lambda event: None)
+        self.say = say or (lambda message: None)
+        self.progress_every = progress_every
+        self._cond = threading.Condition()
+        self._pending: list[_Request] = []
+        self._connections: dict[str, _Connection] = {}
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._added = 0
+        self.batches = self.structures = self.calls = 0
+        self.eval_seconds = 0.0
+
+    # ------------------------------------------------------------------ connections
+    def add(self, target: Target) -> None:
+        """Start serving ``target`` (connects in a new thread; i-PI may still be starting)."""
+        from ipi_inputs.render import SocketAddress, read_cluster
+
+        SocketAddress.parse(target.socket)
+        atoms = read_cluster(target.structure)
+        self.committee.check_numbers(atoms.numbers, source=target.structure)
+        flagger = None
+        if self.flag_config is not None and self.flag_config.criterion is not None:
+            from dataclasses import replace
+
+            from driver.flagging import Flagger
+
+            flagger = Flagger(replace(self.flag_config, run_id=target.id), atoms.numbers, self.committee.version)
+        with self._cond:
+            if target.id in self._connections:
+                raise ValueError(f"target {target.id!r} is already being served")
+            if self._stopping:
+                raise RuntimeError("the server is shutting down")
+            conn = _Connection(target, np.asarray(atoms.numbers), flagger)
+            self._connections[target.id] = conn
+            self._added += 1
+        thread = threading.Thread(target=self._serve, args=(conn,), name=f"ipi-{target.id}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    @property
+    def n_connections(self) -> int:
+        with self._cond:
+            return len(self._connections)
+
+    def _serve(self, conn: _Connection) -> None:
+        from driver.ipi_client import IPIClient, IPIDisconnected, IPIProtocolError, connect
+        from ipi_inputs.render import SocketAddress
+
+        target = conn.target
+        address = SocketAddress.parse(target.socket)
+        event = {"id": target.id}
+        try:
+            try:
+                sock = connect(address.mode, address.address, address.port, target.sockets_prefix,
+                               target.connect_timeout)
+            except ConnectionError as exc:
+                self.emit({"event": "error", **event, "message": str(exc)})
+                return
+            conn.client = IPIClient(sock)
+            with self._cond:
+                if self._stopping:
+                    return
+                conn.serving = True
+            self.emit({"event": "connected", **event, "step": conn.step})
+            try:
+                n = conn.client.serve(lambda cell, pos: self._compute(conn, pos))
+                self.emit({"event": "finished", **event, "step": conn.step, "requests": n})
+            except StopTrajectory as stop:
+                record = {"event": "stopped", **event, "step": stop.step, "reason": stop.reason,
+                          "measure": stop.measure}
+                if target.log:  # a record that outlives this process (read by a resumed campaign)
+                    _write_json_atomic(Path(target.log + ".stop.json"), record)
+                self.emit(record)
+                self.say(f"{target.id}: stopped at step {stop.step}: {stop.reason}")
+            except IPIDisconnected as exc:
+                if not self._stopping:
+                    self.emit({"event": "disconnected", **event, "step": conn.step, "message": str(exc)})
+            except (IPIProtocolError, ValueError, RuntimeError) as exc:
+                self.emit({"event": "error", **event, "step": conn.step, "message": str(exc)})
+        finally:
+            with self._cond:
+                conn.serving = False
+                self._connections.pop(target.id, None)
+                self._cond.notify_all()
+            conn.close()
+
+    def _compute(self, conn: _Connection, pos_bohr: np.ndarray):
+        from driver.pes import BOHR
+
+        positions = np.asarray(pos_bohr, dtype=np.float64).reshape(-1, 3) * BOHR
+        if len(positions) != len(conn.numbers):
+            raise ValueError(f"i-PI sent {len(positions)} atoms but {conn.target.structure} has "
+                             f"{len(conn.numbers)}: driver and i-PI input describe different structures")
+        request = _Request(conn, positions, conn.step)
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("driver shutting down")
+            self._pending.append(request)
+            self._cond.notify_all()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        conn.requests += 1
+        return request.reply
+
+    # ------------------------------------------------------------------ batching loop
+    def run(self, until_idle: bool = False, idle_timeout: float | None = None) -> None:
+        """Evaluate batches until :meth:`stop`; with ``until_idle``, also return once no connection is left
+        (after at least one was added). ``idle_timeout``: return after this many seconds without any."""
+        last_progress = idle_since = time.monotonic()
+        while True:
+            with self._cond:
+                if self._stopping:
+                    self._fail_pending(RuntimeError("driver shutting down"))
+                    return
+                batch = []
+                if not self._pending:
+                    if self._connections:
+                        idle_since = time.monotonic()
+                    elif (until_idle and self._added) or (
+                            idle_timeout is not None and time.monotonic() - idle_since > idle_timeout):
+                        return
+                    self._cond.wait(timeout=0.5)
+                else:
+                    # Wait for the other trajectories (each i-PI is busy with its step) so they share this
+                    # pass, but not longer than `gather`: a straggler costs less than an idle model.
+                    deadline = self._pending[0].created + self.gather_s
+                    while len(self._pending) < sum(c.serving for c in self._connections.values()):
+                        left = deadline - time.monotonic()
+                        if left <= 0 or self._stopping:
+                            break
+                        self._cond.wait(timeout=left)
+                    batch, self._pending = self._pending, []
+            if batch:
+                self._evaluate(batch)
+            if time.monotonic() - last_progress >= self.progress_every:
+                last_progress = time.monotonic()
+                self._progress()
+
+    def _progress(self) -> None:
+        with self._cond:
+            steps = {cid: c.step for cid, c in self._connections.items()}
+        self.emit({"event": "progress", "time": time.time(), "steps": steps, "batches": self.batches,
+                   "structures": self.structures, "calls": self.calls, "eval_s": round(self.eval_seconds, 3)})
+
+    def _fail_pending(self, error: BaseException) -> None:
+        for request in self._pending:
+            request.error = error
+            request.done.set()
+        self._pending = []
+
+    def _evaluate(self, batch: list[_Request]) -> None:
+        from driver.flagging import FlagDecision
+        from driver.pes import ipi_reply
+
+        start = time.perf_counter()
+        for group in partition_by_size([len(r.positions) for r in batch]):
+            requests = [batch[i] for i in group]
+            try:
+                predictions = self.committee.predict_batch([r.connection.numbers for r in requests],
+                                                           [r.positions for r in requests])
+            except Exception as exc:  # a model failure ends these trajectories, not the server
+                for r in requests:
+                    r.error = RuntimeError(f"model evaluation failed: {exc}")
+                    r.done.set()
+                continue
+            self.calls += 1
+            for r, p in zip(requests, predictions):
+                conn = r.connection
+                try:
+                    conn.log(r.step, p)
+                    stop = self.trust.verdict(p, r.positions, r.step)
+                    if stop is not None:
+                        r.error = stop
+                        continue
+                    decision = FlagDecision(False, False, None)
+                    if conn.flagger is not None:
+                        decision = conn.flagger.process(r.step, r.positions, p.energy, p.energy_std_per_atom,
+                                                        p.max_force_std, p.dipole_std)
+                    r.reply = ipi_reply(p, decision)
+                except Exception as exc:
+                    r.error = RuntimeError(f"cannot answer step {r.step}: {exc}")
+                finally:
+                    r.done.set()
+        self.batches += 1
+        self.structures += len(batch)
+        self.eval_seconds += time.perf_counter() - start
+
+    def stop(self) -> None:
+        """Close every connection (their i-PI servers stop and write checkpoints) and end :meth:`run`."""
+        with self._cond:
+            self._stopping = True
+            connections = list(self._connections.values())
+            self._fail_pending(RuntimeError("driver shutting down"))
+            self._cond.notify_all()
+        for conn in connections:
+            if conn.client is not None:
+                conn.client.close()
+
+    def join(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+# ---------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m driver.batch_server",
+        description="Serve many i-PI servers (one per trajectory) from one process, evaluating the waiting "
+                    "structures in batched committee passes.")
+    parser.add_argument("--models", required=True, help="committee folder (committee.json + weights)")
+    parser.add_argument("--target", action="append", default=[], metavar="NAME=STRUCTURE",
+                        help="i-PI UNIX socket NAME (/tmp/ipi_NAME) and the cluster file it simulates; repeat")
+    parser.add_argument("--control", metavar="-", help="read targets as JSON lines from stdin ('-')")
+    parser.add_argument("--log-dir", help="write NAME.uncertainty.csv here for every --target")
+    parser.add_argument("--sockets-prefix", default="/tmp/ipi_", help="prefix of UNIX socket paths (default /tmp/ipi_)")
+    parser.add_argument("--connect-timeout", type=float, default=120.0,
+                        help="seconds to wait for each i-PI to listen (default 120)")
+    trust = parser.add_argument_group("trusted region (stop a trajectory that leaves it)")
+    trust.add_argument("--stop-above", type=float, metavar="X",
+                       help="stop when the committee disagreement reaches X (see --stop-measure)")
+    trust.add_argument("--stop-measure", choices=("force", "energy"), default="force",
+                       help="max force std in eV/Å (default) or energy std per atom in eV/atom")
+    trust.add_argument("--fragment-distance", type=float, metavar="ANGSTROM",
+                       help="stop when the cluster splits into parts farther apart than this")
+    flags = parser.add_argument_group("flagging uncertain frames for labelling (as nanosil-driver)")
+    flags.add_argument("--energy-threshold", type=float, metavar="EV_PER_ATOM")
+    flags.add_argument("--force-threshold", type=float, metavar="EV_PER_A")
+    flags.add_argument("--upper-cap", type=float)
+    flags.add_argument("--flag-endpoint", metavar="ZMQ_ENDPOINT")
+    flags.add_argument("--flag-file", default="flagged.extxyz")
+    parser.add_argument("--gather-ms", type=float, default=20.0,
+                        help="wait at most this long for the other trajectories before a pass (default 20)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--progress-every", type=float, default=2.0, help="seconds between progress events")
+    return parser
+
+
+def _parse_targets(args) -> list[Target]:
+    targets = []
+    for spec in args.target:
+        name, sep, structure = spec.partition("=")
+        if not sep or not name or not structure:
+            raise UsageError(f"--target {spec!r}: expected NAME=STRUCTURE")
+        log = str(Path(args.log_dir) / f"{name}.uncertainty.csv") if args.log_dir else None
+        targets.append(Target(id=name, socket=f"unix:{name}", structure=structure, log=log,
+                              sockets_prefix=args.sockets_prefix, connect_timeout=args.connect_timeout))
+    return targets
+
+
+def _emitter():
+    lock = threading.Lock()
+
+    def emit(event: dict) -> None:
+        line = json.dumps(event)
+        with lock:
+            try:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+            except (BrokenPipeError, ValueError):
+                pass  # nobody listens any more; the control loop notices the closed stdin
+    return emit
+
+
+def _control_loop(server: BatchServer, args, say) -> None:
+    """Read JSON control lines from stdin; shut the server down at end of input."""
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            message = json.loads(line)
+            if message.get("shutdown"):
+                break
+            data = dict(message["add"])
+            data.setdefault("sockets_prefix", args.sockets_prefix)
+            data.setdefault("connect_timeout", args.connect_timeout)
+            server.add(Target.from_dict(data))
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
+            server.emit({"event": "error", "id": (message.get("add") or {}).get("id") if isinstance(
+                message, dict) and isinstance(message.get("add"), dict) else None, "message": f"bad control "
+                         f"message: {exc}"})
+            say(f"error: bad control message {line[:200]!r}: {exc}")
+    server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def say(message: str) -> None:
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+    try:
+        import torch
+
+        from driver.flagging import FlagConfig
+        from driver.models.committee import load_committee
+
+        if args.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+        if not os.path.isdir(args.models):
+            raise UsageError(f"model folder {args.models} does not exist")
+        targets = _parse_targets(args)
+        if not targets and args.control != "-":
+            raise UsageError("give at least one --target NAME=STRUCTURE, or --control -")
+        if args.control not in (None, "-"):
+            raise UsageError(f"--control takes '-' (stdin), got {args.control!r}")
+        if not args.gather_ms >= 0:
+            raise UsageError(f"--gather-ms must be >= 0, got {args.gather_ms}")
+        trust = TrustRegion(cap=args.stop_above, measure=args.stop_measure, fragment_distance=args.fragment_distance)
+        flag_config = FlagConfig(energy_threshold=args.energy_threshold, force_threshold=args.force_threshold,
+                                 upper_cap=args.upper_cap, endpoint=args.flag_endpoint, flag_file=args.flag_file,
+                                 run_id="batch")
+        committee = load_committee(args.models, dtype=getattr(torch, args.dtype))
+        server = BatchServer(committee, trust, flag_config, gather_s=args.gather_ms / 1000.0, emit=_emitter(),
+                             say=say, progress_every=args.progress_every)
+        for target in targets:
+            server.add(target)
+    except (UsageError, ValueError, FileNotFoundError) as exc:
+        say(f"error: {exc}")
+        return 2
+    say(f"model {committee.version}: {committee.n_energy_members} energy + {committee.n_dipole_members} dipole "
+        f"members, {args.threads} torch thread(s); {len(targets)} target(s)"
+        f"{', more from stdin' if args.control == '-' else ''}")
+    if args.control == "-":
+        threading.Thread(target=_control_loop, args=(server, args, say), daemon=True).start()
+    try:
+        server.run(until_idle=args.control != "-")
+    except KeyboardInterrupt:
+        server.stop()
+    finally:
+        server.stop()
+        server.join()
+    if server.batches:
+        say(f"served {server.structures} structures in {server.batches} passes ({server.calls} model calls; "
+            f"mean {server.structures / server.batches:.2f} per pass), model time {server.eval_seconds:.1f} s")
+    server.emit({"event": "idle", "structures": server.structures, "batches": server.batches})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""The active-learning loop end to end: real i-PI, real mpirun + nanosil-driver, real ZMQ, real xTB.
+
+Tiny committees (2 members, no dipole model, 10 epochs) and short MD keep this to minutes; a low
+energy threshold makes every run flag a frame within its first steps, so each iteration adds exactly one
+frame per (structure, temperature) and label counts are predictable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import shared_file
+
+BIN = Path(sys.executable).parent
+TEMPERATURES = (400, 800)
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    return e
+
+
+def write_config(folder: Path, workdir: Path, *, max_iterations: int = 2, extra: str = "",
+                 structure: Path | None = None, backend: str = "xtb", temperatures=TEMPERATURES) -> Path:
+    structure = structure or shared_file("structures", "pyroxene_N01_GM.xyz")
+    text = f"""
+workdir = "{workdir}"
+temperatures = [{", ".join(str(t) for t in temperatures)}]
+seed = 3
+
+[structures]
+P1 = "{structure}"
+
+[reference]
+backend = "{backend}"
+label_workers = 2
+
+[committee]
+size = 2
+dipole_size = 0
+
+[thresholds]
+energy_per_atom = 0.0001   # eV/atom: far below a tiny committee's disagreement, so frames come at once
+
+[sampling]
+max_md_ps = 0.25
+parallel_runs = 2
+mpi_ranks = 2
+
+[stopping]
+patience = 5
+max_iterations = {max_iterations}
+
+[initial_data]
+n_random = 2
+n_select = 6
+
+[train]
+epochs = 10
+patience = 10
+model = {{ hidden = [16, 16] }}
+{extra}
+"""
+    path = folder / f"{workdir.name}.toml"
+    path.write_text(text)
+    return path
+
+
+def nanosil(*args, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "nanosil"), *map(str, args)], cwd=cwd, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def state_of(workdir: Path) -> dict:
+    try:
+        return json.loads((workdir / "state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def db_rows(workdir: Path) -> list:
+    import ase.db
+
+    return list(ase.db.connect(str(workdir / "data.db")).select())
+
+
+def leftover_processes(workdir: Path, token: str) -> list[str]:
+    """Live processes that belong to this work directory: the owner tag in their environment, or a
+    working directory inside it (i-PI, the driver's ranks)."""
+    from al_manager.state import tagged_processes
+
+    found = [f"{pid} (tagged)" for pid in tagged_processes(token)]
+    root = str(workdir.resolve())
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+            with open(f"/proc/{entry}/stat") as f:
+                st = f.read().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if cwd.startswith(root) and st not in ("Z", "X"):
+            found.append(f"{entry} (cwd {cwd})")
+    return found
+
+
+def copy_workdir(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
+# ---------------------------------------------------------------------- shared runs
+@pytest.fixture(scope="module")
+def initialised(tmp_path_factory) -> Path:
+    """``nanosil al init``: initial data, labels, committee iter_000 and its measurement."""
+    folder = tmp_path_factory.mktemp("al_init")
+    workdir = folder / "wd"
+    config = write_config(folder, workdir)
+    proc = nanosil("al", "init", config, cwd=folder)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(initialised, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """Two iterations after init, never interrupted (the baseline of the kill test)."""
+    folder = tmp_path_factory.mktemp("al_two")
+    workdir = copy_workdir(initialised, folder / "wd")
+    config = write_config(folder, workdir, max_iterations=2)
+    proc = nanosil("al", "run", config, cwd=folder)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    return workdir, proc
+
+
+# ---------------------------------------------------------------------- tests
+@pytest.mark.slow
+def test_init_labels_normal_mode_data_and_measures_the_first_committee(initialised):
+    from al_manager.report import read_report_csv
+
+    state = state_of(initialised)
+    assert state["phase"] == "sampling" and state["iteration"] == 1  # init stops before sampling
+    rows = db_rows(initialised)
+    # the minimum plus n_select = 6 normal-mode displacements, every one labelled once
+    assert len(rows) == 7
+    assert sorted(r.origin for r in rows).count("minimum") == 1
+    assert len({r.hash for r in rows}) == len(rows)
+    assert (initialised / "models" / "iter_000" / "committee.json").is_file()
+    report = read_report_csv(initialised / "report.csv")
+    assert [r["iteration"] for r in report] == ["0"] and report[0]["labels"] == "7"
+    ref = json.loads((initialised / "reference" / "harmonic.json").read_text())["P1"]
+    assert ref["method"] == "xtb:GFN2-xTB" and len(ref["frequencies_cm-1"]) == 15
+
+
+@pytest.mark.slow
+def test_two_iterations_grow_the_database_by_the_flagged_frames(uninterrupted):
+    from al_manager.report import read_report_csv
+    from driver.models.committee import load_committee
+
+    workdir, proc = uninterrupted
+    state = state_of(workdir)
+    assert state["phase"] == "done" and "max_iterations (2)" in state["stop_reason"]
+    rows = db_rows(workdir)
+    by_origin = {}
+    for r in rows:
+        by_origin.setdefault(r.origin, []).append(r)
+    # one flagged frame per (structure, temperature) and iteration, each labelled exactly once
+    for k in (1, 2):
+        record = state["iterations"][str(k)]
+        frames = record["frames"]
+        assert len(frames) == len(TEMPERATURES)
+        assert {f["run"] for f in frames} == {f"P1_{t}K" for t in TEMPERATURES}
+        assert all(f["step"] >= 1 for f in frames)
+        labelled = by_origin[f"al_iter_{k:03d}"]
+        assert len(labelled) == len(frames)
+        assert sorted(r.temperature for r in labelled) == sorted(float(t) for t in TEMPERATURES)
+        # the database holds the very structures the driver flagged
+        for f in frames:
+            assert any(np.allclose(r.positions, f["positions"], atol=1e-9) for r in labelled)
+        assert all(r["status"] == "done" for r in record["runs"].values())
+    assert len(rows) == 7 + 2 * len(TEMPERATURES)
+    assert len({r.hash for r in rows}) == len(rows)
+
+    # the report: iteration 0 (the initial committee) and one row per iteration, i.e. 3 rows
+    report = read_report_csv(workdir / "report.csv")
+    assert [int(r["iteration"]) for r in report] == [0, 1, 2]
+    assert [int(r["labels"]) for r in report] == [7, 9, 11]
+    assert [int(r["new_labels"]) for r in report] == [7, 2, 2]
+    assert all(r["harmonic_mae_cm-1"] not in ("", None) for r in report)
+    assert (workdir / "learning_curve.png").stat().st_size > 10_000
+
+    # models of iteration 2 exist, load, and were warm-started from iteration 1
+    committee = load_committee(workdir / "models" / "iter_002")
+    assert committee.version.startswith("iter_002") and committee.n_energy_members == 2
+    assert committee.metadata["train_config"]["warm_start"].endswith("iter_001")
+
+    # one line per step on stdout and in al.log
+    log = (workdir / "al.log").read_text().splitlines()
+    assert any("iteration 2: sampling done: 2 uncertain frame(s)" in line for line in log)
+    assert any("finished: max_iterations (2) reached" in line for line in log)
+    assert "finished: max_iterations (2) reached" in proc.stdout
+    assert leftover_processes(workdir, state["token"]) == []
+
+    status = nanosil("al", "status", workdir, cwd=workdir)
+    assert status.returncode == 0 and "phase done, iteration 2" in status.stdout
+    assert "no manager running" in status.stdout
+
+
+@pytest.mark.slow
+def test_iteration_two_continues_each_run_from_its_checkpoint(uninterrupted):
+    """Positions and velocities of iteration 1's final i-PI checkpoint start iteration 2, with the
+    centre-of-mass translation and the rotation removed, at the same temperature."""
+    from ase import units
+    from ase.io import read
+
+    from al_manager.sampling import read_ipi_checkpoint
+    from ipi_inputs import read_cluster
+    from ipi_inputs.render import _ipi_masses
+
+    workdir, _ = uninterrupted
+    state = state_of(workdir)
+    for t in TEMPERATURES:
+        name = f"P1_{t}K"
+        assert state["iterations"]["2"]["runs"][name]["start"].startswith("checkpoint iter_001/")
+        chk = read_ipi_checkpoint(workdir / "iterations" / "iter_001" / "runs" / name / "RESTART")
+        run2 = workdir / "iterations" / "iter_002" / "runs" / name
+        start = read_cluster(run2 / "simulation.init.xyz")
+        m = _ipi_masses(start)[:, None]
+        # positions: the checkpoint's, translated only
+        shift = start.positions - chk.positions
+        assert np.allclose(shift, shift[0], atol=1e-6)
+        # velocities (i-PI file in atomic units): the checkpoint's minus translation and rotation
+        au = units.Bohr / (units._aut * units.second)
+        v2 = read(run2 / "simulation.init_vel.xyz").positions * au
+        v1 = chk.get_velocities()
+        r = start.positions - (m * start.positions).sum(0) / m.sum()
+        assert np.linalg.norm((m * v2).sum(0)) < 1e-8 * np.linalg.norm(m * v1)
+        assert np.linalg.norm(np.cross(r, m * v2).sum(0)) < 1e-8 * np.sum(m * np.linalg.norm(r, axis=1)[:, None] * np.abs(v1))
+        delta = v2 - v1  # what was removed: a rigid translation plus a rotation, nothing else
+        rigid = np.linalg.lstsq(_rigid_basis(r), delta.ravel(), rcond=None)
+        assert np.linalg.norm(_rigid_basis(r) @ rigid[0] - delta.ravel()) < 1e-6 * np.linalg.norm(v1)
+        assert np.linalg.norm(v2) > 0.5 * np.linalg.norm(v1)  # the thermal motion itself is kept
+        # same temperature as before: the thermostat target in the XML is unchanged between iterations
+        xml1 = (workdir / "iterations" / "iter_001" / "runs" / name / "simulation.xml").read_text()
+        xml2 = (run2 / "simulation.xml").read_text()
+        assert _thermostat(xml1) == _thermostat(xml2)
+
+
+def _rigid_basis(r: np.ndarray) -> np.ndarray:
+    """(3N, 6): velocity fields of the three translations and three rotations about the centre."""
+    cols = []
+    for a in np.eye(3):
+        cols.append(np.tile(a, len(r)))
+        cols.append(np.cross(a, r).ravel())
+    return np.array(cols).T
+
+
+def _thermostat(xml: str) -> str:
+    import re
+
+    return re.search(r"<temperature units='kelvin'>\s*([0-9.]+)", xml).group(1)
+
+
+@pytest.mark.slow
+def test_killed_during_sampling_and_labelling_resumes_without_loss_or_repeats(initialised, uninterrupted,
+                                                                              tmp_path):
+    from al_manager.report import read_report_csv
+
+    workdir = copy_workdir(initialised, tmp_path / "wd")
+    config = write_config(tmp_path, workdir, max_iterations=1)
+    base_workdir, _ = uninterrupted
+    expected_labels = int(read_report_csv(base_workdir / "report.csv")[1]["labels"])
+
+    def start():
+        return subprocess.Popen([str(BIN / "nanosil"), "al", "run", str(config)], cwd=tmp_path, env=env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def kill_when(proc, condition, what: str, timeout: float = 300):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = state_of(workdir)
+            if s and condition(s):
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return s
+            if proc.poll() is not None:
+                pytest.fail(f"the manager ended (exit {proc.returncode}) before {what}")
+            time.sleep(0.02)
+        proc.kill()
+        pytest.fail(f"never reached {what}")
+
+    # 1. SIGKILL while the i-PI runs and their drivers are alive
+    proc = start()
+    s = kill_when(proc, lambda s: s["phase"] == "sampling" and s["iteration"] == 1 and len(s["children"]) >= 2,
+                  "sampling with live children")
+    assert any(c["role"] == "i-pi" for c in s["children"])
+    # 2. SIGKILL again as soon as labelling starts
+    proc = start()
+    kill_when(proc, lambda s: s["phase"] == "labelling" and s["iteration"] == 1, "labelling")
+    after_kill = state_of(workdir)
+    assert len(after_kill["iterations"]["1"]["frames"]) == len(TEMPERATURES)  # the collected frames survived
+    # 3. run to the end
+    proc = subprocess.run([str(BIN / "nanosil"), "al", "run", str(config)], cwd=tmp_path, env=env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+
+    state = state_of(workdir)
+    rows = db_rows(workdir)
+    assert len(rows) == expected_labels  # the uninterrupted run's count after iteration 1
+    assert len({r.hash for r in rows}) == len(rows)
+    assert sum(1 for r in rows if r.origin == "al_iter_001") == len(TEMPERATURES)
+    assert len(state["iterations"]["1"]["frames"]) == len(TEMPERATURES)
+    report = read_report_csv(workdir / "report.csv")
+    assert [int(r["iteration"]) for r in report] == [0, 1]
+    assert int(report[-1]["labels"]) == expected_labels
+    assert (workdir / "models" / "iter_001" / "committee.json").is_file()
+    log = (workdir / "al.log").read_text()
+    assert log.count("resume: phase") >= 2
+    assert leftover_processes(workdir, state["token"]) == []
+    assert not list(Path("/tmp").glob(f"ipi_nsal-{state['token'][:8]}-*"))
+
+
+@pytest.mark.slow
+def test_crashed_and_exploded_runs_are_recorded_and_the_iteration_goes_on(tmp_path, small_config):
+    """A driver that cannot start (an element the committee does not know) and a structure whose
+    committee disagreement passes the upper cap: both recorded, the healthy run still delivers."""
+    from ase.io import read, write
+
+    from al_manager.sampling import Sampler, SamplingSettings, plan_runs
+    from al_manager.state import State
+    from driver.models.committee import build_committee, save_committee
+
+    models = tmp_path / "models"
+    save_committee(build_committee(small_config, n_members=2, n_dipole=0, seed=1), models)
+    p1 = shared_file("structures", "pyroxene_N01_GM.xyz")
+    iron = read(p1)
+    iron.symbols[0] = "Fe"
+    write(tmp_path / "FeSiO3.xyz", iron)
+    lines = []
+    state = State.load(tmp_path / "wd", create=True)
+    specs = plan_runs({"P1": str(p1), "FeSiO3": str(tmp_path / "FeSiO3.xyz")}, [500])
+    settings = SamplingSettings(max_md_ps=0.1, energy_threshold=1e-5, max_parallel=2, mpi_ranks=1,
+                                partner_grace_s=2)
+    with _owner(state):
+        record = Sampler(state, 1, specs, models, tmp_path / "wd" / "it1", settings, log=lines.append).run()
+    runs = record["runs"]
+    assert runs["P1_500K"]["status"] == "done" and runs["P1_500K"]["frames"] == 1
+    assert runs["FeSiO3_500K"]["status"] == "crashed"
+    assert "Fe" in runs["FeSiO3_500K"]["reason"]
+    assert [f["run"] for f in record["frames"]] == ["P1_500K"]
+    assert any("FeSiO3_500K crashed" in line for line in lines)
+
+    # an upper cap below the committee's disagreement: the structure counts as exploded, nothing is kept
+    settings = SamplingSettings(max_md_ps=0.1, energy_threshold=1e-6, upper_cap=2e-6, max_parallel=1,
+                                mpi_ranks=1)
+    with _owner(state):
+        record = Sampler(state, 2, plan_runs({"P1": str(p1)}, [500]), models, tmp_path / "wd" / "it2",
+                         settings, log=lines.append).run()
+    run = record["runs"]["P1_500K"]
+    assert run["status"] == "exploded" and run["frames"] == 0 and "exploded" in run["reason"]
+    assert run["steps"] < 200  # stopped through EXIT, long before the 200-step maximum
+    assert leftover_processes(tmp_path / "wd", state.token) == []
+    assert state.data["children"] == []
+
+
+class _owner:
+    """Tag child processes as the manager does (for leftover checks)."""
+
+    def __init__(self, state):
+        from al_manager.loop import _owner_tag
+
+        self.cm = _owner_tag(state.token)
+
+    def __enter__(self):
+        return self.cm.__enter__()
+
+    def __exit__(self, *exc):
+        return self.cm.__exit__(*exc)
+
+
+@pytest.mark.parametrize("case, key", [
+    ("backend", "reference.backend"),
+    ("structure", "structures.P1"),
+    ("temperature", "temperatures[1]"),
+])
+def test_bad_config_is_one_line_naming_the_key(tmp_path, case, key):
+    kwargs = {"backend": dict(backend="dftb"), "structure": dict(structure=tmp_path / "missing.xyz"),
+              "temperature": dict(temperatures=(400, -100))}[case]
+    config = write_config(tmp_path, tmp_path / "wd", **kwargs)
+    for command in ("init", "run"):
+        proc = nanosil("al", command, config, cwd=tmp_path, timeout=120)
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and key in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "wd").exists()  # nothing was started
+
+
+def test_status_of_a_folder_that_is_no_work_directory(tmp_path):
+    proc = nanosil("al", "status", tmp_path, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and "not an active-learning work directory" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------- durability pieces (fast)
+def test_orphans_of_a_killed_manager_are_ended_and_nothing_else(tmp_path):
+    """Processes carrying the work directory's tag (i-PI, MPI ranks, workers of a killed manager) are
+    ended on resume; an unrelated process is left alone. A second manager is refused by the lock."""
+    from al_manager.state import OWNER_ENV, State, WorkdirBusy, WorkdirLock, end_orphans, is_running
+
+    state = State.load(tmp_path, create=True)
+    tagged = subprocess.Popen(["sleep", "60"], env=dict(os.environ, **{OWNER_ENV: state.token}),
+                              start_new_session=True)
+    grandchild = subprocess.Popen(["sh", "-c", "sleep 60 & wait"], env=dict(os.environ, **{OWNER_ENV: state.token}),
+                                  start_new_session=True)
+    other = subprocess.Popen(["sleep", "60"], env=dict(os.environ, **{OWNER_ENV: "someone-else"}))
+    try:
+        state.add_child(tagged.pid, "i-pi", "P1_400K")
+        time.sleep(0.2)
+        found = end_orphans(State.load(tmp_path), grace=2.0)
+        assert tagged.pid in found and grandchild.pid in found
+        tagged.wait(timeout=5)
+        grandchild.wait(timeout=5)
+        assert is_running(other.pid)
+        assert State.load(tmp_path)["children"] == []
+        with WorkdirLock(tmp_path):
+            with pytest.raises(WorkdirBusy, match="another active-learning manager"):
+                WorkdirLock(tmp_path).acquire()
+        WorkdirLock(tmp_path).acquire().release()  # released with its holder
+    finally:
+        for p in (tagged, grandchild, other):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_state_file_is_replaced_atomically_and_damage_is_reported(tmp_path):
+    from al_manager.state import State
+
+    state = State.load(tmp_path, create=True)
+    state.iteration_record(1)["frames"].append({"id": "001-P1_400K-0"})
+    state.save()
+    assert State.load(tmp_path).iteration_record(1)["frames"][0]["id"] == "001-P1_400K-0"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary file left behind
+    (tmp_path / "state.json").write_text('{"schema": "nanosil.al-state/1", "phase": ')
+    with pytest.raises(ValueError, match="state.json: not valid JSON"):
+        State.load(tmp_path)
+
+
+def test_reference_harmonics_survive_a_kill_inside_the_displacement_cache(tmp_path):
+    """A killed harmonic analysis leaves ASE's empty lock file for the displacement in flight; the
+    resumed one recomputes that displacement and gives the uninterrupted frequencies."""
+    from al_manager.measure import reference_harmonics, vibrational
+
+    p1 = str(shared_file("structures", "pyroxene_N01_GM.xyz"))
+    first = reference_harmonics({"P1": p1}, "xtb", tmp_path / "a", log=lambda m: None)["P1"]
+    cache = sorted((tmp_path / "a" / "P1_displacements").glob("**/cache.*.json"))
+    assert len(cache) == 2 * 3 * 5 + 1  # +-x, +-y, +-z of 5 atoms, and the undisplaced structure
+    cache[3].write_text("")                          # the calculation in flight when the manager died
+    (tmp_path / "a" / "harmonic.json").unlink()      # it died before the result was stored
+    lines = []
+    again = reference_harmonics({"P1": p1}, "xtb", tmp_path / "a", log=lines.append)["P1"]
+    # the same 9 vibrational frequencies (to the SCF convergence of one recomputed displacement)
+    assert np.allclose(vibrational(again.frequencies), vibrational(first.frequencies), atol=0.01)
+    assert any("interrupted" in line for line in lines)

@@ -1,0 +1,173 @@
+"""driver.batch_server: one process serving several real i-PI servers with batched committee passes.
+
+Every i-PI uses its own UNIX socket name; processes are ended (by pid) and socket files removed at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase import units
+from ase.io import read
+
+from driver.batch_server import fragments, partition_by_size
+from driver.models.committee import ModelConfig, build_committee, load_committee, save_committee
+from ipi_inputs import render_input
+
+ROOT = Path(__file__).resolve().parents[1]
+STRUCTURES = ROOT / ".." / "shared" / "data" / "structures"
+BIN = Path(sys.executable).parent
+SMALL = dict(hidden=(16, 16), dipole_features=16, dipole_interactions=1, dipole_gaussians=8)
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+           PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def cluster(name: str) -> Path:
+    path = STRUCTURES / name
+    if not path.is_file():
+        pytest.skip(f"reference structure {path} not available")
+    return path.resolve()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """An untrained 3 + 2 member committee: the server's plumbing and units, not physics."""
+    folder = tmp_path_factory.mktemp("batch") / "models"
+    save_committee(build_committee(ModelConfig(**SMALL), n_members=3, n_dipole=2, seed=0), folder)
+    return folder
+
+
+@pytest.fixture
+def procs():
+    started, sockets = [], []
+    yield started, sockets
+    for proc in started:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    for name in sockets:
+        path = f"/tmp/ipi_{name}"
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def start_ipi(procs, folder: Path, structure: Path, steps: int, seed: int):
+    started, sockets = procs
+    name = f"nbs_{uuid.uuid4().hex[:10]}"
+    sockets.append(name)
+    xml = render_input("production_nvt", folder, socket=f"unix:{name}", structure=structure, temperature=300.0,
+                       seed=seed, steps=steps, prefix="md")
+    with open(folder / "ipi.log", "w") as log:
+        started.append(subprocess.Popen([str(BIN / "i-pi"), xml.name], cwd=folder, stdout=log,
+                                        stderr=subprocess.STDOUT, env=ENV))
+    return name, started[-1]
+
+
+def run_server(procs, models: Path, targets: list[tuple[str, Path]], log_dir: Path, *extra, timeout=300):
+    started, _ = procs
+    cmd = [sys.executable, "-m", "driver.batch_server", "--models", str(models), "--log-dir", str(log_dir),
+           "--dtype", "float64", "--progress-every", "1000", *extra]
+    for name, structure in targets:
+        cmd += ["--target", f"{name}={structure}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    started.append(proc)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"batch server did not finish within {timeout} s:\n{err[-3000:]}")
+    events = [json.loads(line) for line in out.splitlines() if line.strip()]
+    return proc.returncode, events, err
+
+
+def test_partition_groups_similar_sizes():
+    # one padded call for similar sizes; a 70-atom cluster is not worth padding 5-atom ones to
+    assert partition_by_size([10] * 8) == [list(range(8))]
+    groups = partition_by_size([5, 70, 7, 10, 65])
+    sizes = [[[5, 70, 7, 10, 65][i] for i in g] for g in groups]
+    assert sizes == [[5, 7, 10], [65, 70]]
+    assert sorted(i for g in groups for i in g) == list(range(5))
+    assert partition_by_size([]) == []
+
+
+def test_fragments_detects_a_cluster_falling_apart():
+    pos = np.array([[0, 0, 0], [1.6, 0, 0], [3.2, 0, 0], [20, 0, 0], [21.5, 0, 0]], dtype=float)
+    assert fragments(pos, 4.0) == [3, 2]
+    assert fragments(pos[:3], 4.0) == [3]
+
+
+def test_batched_replies_equal_single_predictions(models, procs, tmp_path):
+    """Three i-PI servers (5, 7 and 10 atoms) served by one process: every trajectory completes, passes
+    hold several structures, and what i-PI recorded (dipole in e·Bohr every step, potential in eV) equals the
+    committee's own single-structure prediction at the positions i-PI wrote."""
+    names = ["pyroxene_N01_GM.xyz", "olivine_N01_GM.xyz", "pyroxene_N02_GM.xyz"]
+    steps, targets, ipis = 40, [], []
+    for k, name in enumerate(names):
+        folder = tmp_path / f"run{k}"
+        sock, proc = start_ipi(procs, folder, cluster(name), steps, seed=k + 1)
+        targets.append((sock, cluster(name)))
+        ipis.append((folder, proc))
+    rc, events, err = run_server(procs, models, targets, tmp_path / "logs")
+    assert rc == 0, err
+    finished = {e["id"]: e for e in events if e["event"] == "finished"}
+    assert set(finished) == {s for s, _ in targets}, events
+    assert all(e["requests"] == steps + 1 for e in finished.values())
+    served = [line for line in err.splitlines() if "served" in line]
+    mean_per_pass = float(served[-1].split("mean ")[1].split(" per pass")[0])
+    assert mean_per_pass > 1.5, served  # the trajectories really shared passes
+
+    committee = load_committee(models, dtype=__import__("torch").float64)
+    for (folder, proc), (sock, structure) in zip(ipis, targets):
+        assert proc.wait(timeout=60) == 0
+        numbers = read(structure).numbers
+        frames = read(folder / "md.pos_0.xyz", index=":")           # every 20 steps, Å
+        dip = [line for line in (folder / "md.dipole_0").read_text().splitlines() if not line.startswith(" #")]
+        assert len(dip) == steps + 1
+        out = np.loadtxt(folder / "md.out")                          # step, time, conserved, T, kinetic, potential (eV)
+        log = np.genfromtxt(tmp_path / "logs" / f"{sock}.uncertainty.csv", delimiter=",", names=True)
+        assert list(log["step"]) == list(range(steps + 1))
+        for k, atoms in enumerate(frames):
+            step = 20 * k
+            p = committee.predict(numbers, atoms.positions)
+            np.testing.assert_allclose(np.array(dip[step].split(), float), p.dipole / units.Bohr, atol=2e-3)
+            assert log["energy_std_per_atom_eV"][step] == pytest.approx(p.energy_std_per_atom, rel=1e-2, abs=1e-5)
+            assert log["max_force_std_eV_per_A"][step] == pytest.approx(p.max_force_std, rel=1e-2, abs=1e-4)
+            row = out[out[:, 0] == step]
+            if len(row):
+                assert row[0, 5] == pytest.approx(p.energy, abs=2e-3)
+
+
+def test_trajectory_leaving_the_trusted_region_is_stopped(models, procs, tmp_path):
+    """A cap below the committee's disagreement stops the run at its first step: the server reports it, writes
+    the reason next to the log, closes the connection, and i-PI (exit_on_disconnect) ends by itself."""
+    structure = cluster("pyroxene_N01_GM.xyz")
+    sock, ipi = start_ipi(procs, tmp_path / "run", structure, steps=200, seed=3)
+    rc, events, err = run_server(procs, models, [(sock, structure)], tmp_path / "logs", "--stop-above", "1e-9")
+    assert rc == 0, err
+    stopped = [e for e in events if e["event"] == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["step"] == 0 and "max force std" in stopped[0]["reason"]
+    record = json.loads((tmp_path / "logs" / f"{sock}.uncertainty.csv.stop.json").read_text())
+    assert record["reason"] == stopped[0]["reason"]
+    ipi.wait(timeout=120)  # i-PI ends on its own once the driver is gone (raises if it hangs)
+    assert "Client shutdown" in (tmp_path / "run" / "ipi.log").read_text()
+
+
+def test_bad_input_is_one_line(models, tmp_path):
+    cmd = [sys.executable, "-m", "driver.batch_server", "--models", str(models), "--target", "x=/nonexistent.xyz"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "/nonexistent.xyz" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "driver.batch_server", "--models", str(tmp_path / "none")],
+                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
