@@ -140,3 +140,13 @@ def test_command_line(tmp_path, capsys):
     assert (out / "MgSiO3_1_isomers.csv").exists()
     assert main(["structures", "--formula", "MgQqO3", "--out", str(out)]) == 2
     assert "MgQqO3" in capsys.readouterr().err
+
+
+def test_parallel_workers_give_the_same_isomers(xtb):
+    """Each start has its own seeded random stream: two processes find exactly what one finds."""
+    symbols = formula_symbols("MgSiO3")
+    one = search_isomers(symbols, xtb, SearchSettings(starts=2, hops=3, seed=5, workers=1), n_isomers=3)
+    two = search_isomers(symbols, xtb, SearchSettings(starts=2, hops=3, seed=5, workers=2), n_isomers=3)
+    assert [i.found for i in one.isomers] == [i.found for i in two.isomers]
+    np.testing.assert_allclose([i.energy for i in one.isomers], [i.energy for i in two.isomers], atol=1e-8)
+    assert one.n_relaxations == two.n_relaxations

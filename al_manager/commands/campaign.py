@@ -1,0 +1,41 @@
+"""``nanosil ir-campaign CONFIG.toml``: production MD IR spectra for many clusters, temperatures and seeds.
+
+Runs (or resumes: finished trajectories are never repeated, unfinished ones continue from their i-PI
+checkpoints) every trajectory of the campaign described in CONFIG.toml (see :mod:`al_manager.campaign`),
+then writes the spectra with error bands, harmonic overlays, size sums (kappa tables) and summary.json.
+Exit status: 0 when every trajectory finished (trusted or stopped outside the trusted region), 1 when
+some failed, 2 for bad input.
+"""
+from __future__ import annotations
+
+import sys
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", metavar="CONFIG.toml", help="campaign configuration (TOML)")
+    parser.add_argument("--analyse-only", action="store_true",
+                        help="run no MD: rewrite spectra, plots, sums and summary.json from the files")
+    parser.add_argument("--no-retry-failed", action="store_true",
+                        help="leave trajectories that failed in an earlier invocation alone")
+    parser.add_argument("--dry-run", action="store_true", help="validate the configuration, print the plan, run nothing")
+
+
+def run(args) -> int:
+    from al_manager.campaign import describe, load_config, run_campaign
+    from al_manager.cli import UsageError
+
+    try:
+        config = load_config(args.config)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(f"{args.config}: {exc}") from None
+    print(f"nanosil ir-campaign: {describe(config)}; output {config.output}", file=sys.stderr, flush=True)
+    if args.dry_run:
+        for spec in config.trajectories():
+            print(f"{spec.id}\t{spec.folder(config.output)}")
+        return 0
+    try:
+        summary = run_campaign(config, analyse_only=args.analyse_only, retry_failed=not args.no_retry_failed)
+    except KeyboardInterrupt:
+        print("nanosil ir-campaign: interrupted; run the same command to resume", file=sys.stderr)
+        return 130
+    return 1 if summary["counts"]["failed"] else 0

@@ -1,0 +1,813 @@
+"""Running a campaign's trajectories: one i-PI per trajectory, a few batched drivers serving all of them.
+
+Design (measured in ``bench/campaign_throughput.py``): i-PI runs one system per process and each step of
+a small cluster costs i-PI a few ms of Python, while one committee pass over a batch of 8 structures costs
+barely more than over one. So every trajectory gets its own i-PI process (``OMP_NUM_THREADS=1``), and
+``run.drivers`` batch servers (:mod:`driver.batch_server`, ``run.threads`` torch threads each) connect to
+them and evaluate whatever structures are waiting in one pass. ``run.workers`` trajectories run at once;
+the queue is sorted by cluster size so trajectories that share a pass have similar sizes.
+
+Per trajectory, a folder ``runs/<cluster>/<T>K/seed<seed>/`` holds ``state.json`` (status, phase, reason)
+and one sub-folder per phase:
+
+- ``nvt``: one NVT run of equilibration + production steps (``md/``): the equilibration is its first part;
+- ``nve``: ``equilibration/`` (NVT) then ``production/`` (NVE from the equilibration's last checkpoint).
+
+Each phase folder has i-PI's files (prefix ``md``: ``md.dipole_0`` in e·Bohr, ``md.out``, ``md.pos_0.xyz``,
+``md.chk``, ``RESTART``), the driver's ``uncertainty.csv`` (committee disagreement every step) and
+``ipi.log``.
+
+Resuming: a finished trajectory (done, or stopped outside the trusted region) is never run again. An
+unfinished phase restarts from the newest i-PI checkpoint (``md.chk`` or the ``RESTART`` i-PI writes when
+it is stopped); the outputs are first cut back to that step, so the restarted run appends without
+repeating or missing a step. A phase without a usable checkpoint starts again from scratch.
+Child processes get SIGTERM when the campaign process dies (Linux ``PR_SET_PDEATHSIG``), so a killed
+campaign leaves i-PI writing its RESTART file and exiting, not running on; a resumed campaign also ends
+leftover processes recorded in the state files (by pid and start time) before it starts.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket as socketlib
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from .campaign import CampaignConfig, TrajectorySpec, n_atoms
+
+PREFIX = "md"                       # i-PI output prefix of every phase
+SOCKETS_PREFIX = "/tmp/ipi_"
+MAX_ATTEMPTS = 2                    # technical failures (crash, lost driver) retried within one invocation
+FINAL = ("done", "untrusted")       # never run again
+STOP_GRACE_S = 30.0                 # how long a stopped i-PI may take to exit before SIGTERM
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+# ---------------------------------------------------------------------- processes
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the campaign process dies (Linux; a no-op elsewhere)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None: with the pid it identifies a
+    process even after its pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def end_process(pid: int | None, started: int | None, grace: float = 30.0) -> bool:
+    """SIGTERM (then SIGKILL after ``grace`` s) the process ``pid`` if it is still the one that started at
+    ``started``; True when one was ended."""
+    if not pid or started is None or start_time(pid) != started:
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if start_time(pid) != started:
+            return True
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def _executable(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def _child_env(threads: int = 1) -> dict:
+    env = dict(os.environ)
+    env.update({k: str(threads) if k == "OMP_NUM_THREADS" else v for k, v in CHILD_ENV.items()})
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------- i-PI files
+def checkpoint_step(path: Path) -> int | None:
+    """The ``<step>`` of an i-PI checkpoint (completed MD steps), or None if unreadable."""
+    try:
+        root = ET.parse(path).getroot()
+        node = root.find("step")
+        return int(node.text.strip()) if node is not None and node.text else None
+    except (ET.ParseError, OSError, ValueError):
+        return None
+
+
+def latest_checkpoint(folder: Path) -> tuple[Path, int] | None:
+    """The newest consistent state of a phase: ``md.chk`` (every ``checkpoint_ps``) or ``RESTART`` (written
+    by i-PI when it stops, at its last safe step), whichever has more steps."""
+    best = None
+    for name in (f"{PREFIX}.chk", "RESTART"):
+        path = folder / name
+        step = checkpoint_step(path) if path.is_file() else None
+        if step is not None and (best is None or step > best[1]):
+            best = (path, step)
+    return best
+
+
+_DIPOLE_HEADER = re.compile(r"^\s*#\s*EXTRAS\(dipole\)#\s*Step:\s*(\d+)")
+
+
+def dipole_labels(path: Path) -> list[int]:
+    """Step labels of an i-PI dipole extras file (label L = the configuration after L steps)."""
+    labels = []
+    if path.is_file():
+        with open(path, errors="replace") as f:
+            for line in f:
+                m = _DIPOLE_HEADER.match(line)
+                if m:
+                    labels.append(int(m.group(1)))
+    return labels
+
+
+def _cut_dipoles(path: Path, last: int) -> bool:
+    """Keep the frames with label <= ``last``; True when they are exactly 0..last (nothing missing)."""
+    if not path.is_file():
+        return False
+    kept, labels, keep = [], [], True
+    with open(path, errors="replace") as f:
+        for line in f:
+            m = _DIPOLE_HEADER.match(line)
+            if m:
+                keep = int(m.group(1)) <= last
+                if keep:
+                    labels.append(int(m.group(1)))
+            if keep:
+                kept.append(line)
+    if labels != list(range(last + 1)) or (kept and _DIPOLE_HEADER.match(kept[-1])):
+        return False
+    _write_text(path, "".join(kept))
+    return True
+
+
+def _cut_rows(path: Path, keep) -> None:
+    """Keep comment lines and the rows whose first column passes ``keep`` (i-PI out, uncertainty CSV)."""
+    if not path.is_file():
+        return
+    out = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            head = line.split(",", 1)[0].split()[0] if line.strip() else ""
+            try:
+                value = float(head)
+            except ValueError:
+                out.append(line)  # header or comment
+                continue
+            if keep(value) and line.endswith("\n"):
+                out.append(line)
+    _write_text(path, "".join(out))
+
+
+_XYZ_STEP = re.compile(r"Step:\s*(\d+)")
+
+
+def _cut_xyz(path: Path, last: int) -> None:
+    """Keep the frames of i-PI's xyz trajectory whose comment says ``Step: <= last``."""
+    if not path.is_file():
+        return
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    out, i = [], 0
+    while i < len(lines):
+        try:
+            n = int(lines[i].split()[0])
+        except (ValueError, IndexError):
+            break
+        frame = lines[i:i + n + 2]
+        if len(frame) < n + 2 or not frame[-1].endswith("\n"):
+            break
+        m = _XYZ_STEP.search(frame[1])
+        if m and int(m.group(1)) > last:
+            break
+        out.extend(frame)
+        i += n + 2
+    _write_text(path, "".join(out))
+
+
+def patch_xml(text: str, checkpoint_steps: int, timestep_fs: float) -> str:
+    """Adapt a rendered template: checkpoint interval, the dipole file flushed every step (so it never lags
+    behind a checkpoint), and the timestep. Raises if the template no longer has these elements."""
+    patterns = [
+        (r"(<checkpoint\s+stride=')(\d+)(')", str(int(checkpoint_steps))),
+        (r"(<trajectory\s+filename='dipole'[^>]*?flush=')(\d+)(')", "1"),
+        (r"(<timestep\s+units='femtosecond'>\s*)([0-9.eE+-]+)(\s*</timestep>)", repr(float(timestep_fs))),
+    ]
+    for pattern, value in patterns:
+        text, n = re.subn(pattern, lambda m: m.group(1) + value + m.group(3), text)
+        if n != 1:
+            raise RuntimeError(f"i-PI template changed: cannot find {pattern!r} to set it to {value}")
+    return text
+
+
+# ---------------------------------------------------------------------- trajectories
+@dataclass(frozen=True)
+class Phase:
+    name: str                       # folder name
+    template: str                   # ipi_inputs template
+    steps: int
+    production_from: int | None     # first dipole label of production in this phase (None: none)
+
+
+@dataclass
+class Launch:
+    phase: Phase
+    xml: Path
+    step_offset: int
+
+
+class TrajectoryRun:
+    """One (cluster, temperature, seed): folder, phases and the persistent ``state.json``."""
+
+    def __init__(self, spec: TrajectorySpec, config: CampaignConfig, index: int):
+        self.spec, self.config, self.index = spec, config, index
+        self.folder = spec.folder(config.output)
+        self.n_atoms = n_atoms(spec.cluster.structure)
+        md = config.md
+        if config.ensemble == "nvt":
+            self.phases = [Phase("md", "production_nvt", md.equilibration_steps + md.production_steps,
+                                 md.equilibration_steps)]
+        else:
+            self.phases = [Phase("equilibration", "production_nvt", md.equilibration_steps, None),
+                           Phase("production", "production_nve", md.production_steps, 0)]
+        self.state = self._load_state()
+        self.attempts = 0           # technical failures in this invocation
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def md_record(self) -> dict:
+        """What the trajectory's files depend on: a resumed campaign must not change it."""
+        return {"ensemble": self.config.ensemble, "timestep_fs": self.config.md.timestep_fs,
+                "phases": [[p.name, p.steps] for p in self.phases],
+                "structure": str(self.spec.cluster.structure)}
+
+    def check_compatible(self) -> None:
+        saved = self.state.get("md")
+        if (self.folder / "state.json").is_file() and saved != self.md_record:
+            raise ValueError(f"{self.folder} was run with other MD settings ({saved}); the configuration now asks "
+                             f"for {self.md_record}: use a new output folder, or remove that run folder")
+
+    @property
+    def status(self) -> str:
+        return self.state["status"]
+
+    @property
+    def socket_name(self) -> str:
+        # short (UNIX socket paths are limited to 108 bytes), unique per campaign folder and trajectory, and
+        # stable when the campaign is resumed or extended (a checkpoint carries the address)
+        import hashlib
+
+        return "nsc" + hashlib.sha1(f"{self.config.output.resolve()}|{self.id}".encode()).hexdigest()[:16]
+
+    def _load_state(self) -> dict:
+        path = self.folder / "state.json"
+        base = {"id": self.id, "cluster": self.spec.cluster.name, "temperature_K": self.spec.temperature,
+                "seed": self.spec.seed, "status": "pending", "phases_done": [], "reason": None,
+                "stopped_at_step": None, "ipi_pid": None, "ipi_started": None, "md": self.md_record}
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+                if isinstance(saved, dict):
+                    base.update(saved)
+            except (OSError, json.JSONDecodeError):
+                pass  # a damaged state file: the phase folders still tell where the run stands
+        return base
+
+    def save(self, **changes) -> None:
+        self.state.update(changes)
+        self.state["updated"] = time.time()
+        _write_json(self.folder / "state.json", self.state)
+
+    def phase_folder(self, phase: Phase) -> Path:
+        return self.folder / phase.name
+
+    def phase_complete(self, phase: Phase) -> bool:
+        folder = self.phase_folder(phase)
+        chk = latest_checkpoint(folder)
+        return (chk is not None and chk[1] >= phase.steps
+                and dipole_labels(folder / f"{PREFIX}.dipole_0") == list(range(phase.steps + 1)))
+
+    def steps_done(self) -> int:
+        """MD steps completed and kept, over all phases (from the files)."""
+        total = 0
+        for phase in self.phases:
+            if phase.name in self.state["phases_done"]:
+                total += phase.steps
+            else:
+                labels = dipole_labels(self.phase_folder(phase) / f"{PREFIX}.dipole_0")
+                total += max(labels) if labels else 0
+        return total
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p.steps for p in self.phases)
+
+    def prepare(self) -> Launch | None:
+        """Get the next phase ready to run (fresh, or resumed from its checkpoint); None when all are done."""
+        for k, phase in enumerate(self.phases):
+            if phase.name in self.state["phases_done"]:
+                continue
+            folder = self.phase_folder(phase)
+            if self.phase_complete(phase):
+                self.save(phases_done=self.state["phases_done"] + [phase.name])
+                continue
+            chk = latest_checkpoint(folder)
+            if chk is not None and 0 < chk[1] < phase.steps and self._cut_back(folder, chk[1]):
+                restart = folder / "restart.xml"
+                text, n = re.subn(r"(<ffsocket\b[^>]*>.*?<address>)(.*?)(</address>)",
+                                  lambda m: m.group(1) + f" {self.socket_name} " + m.group(3),
+                                  chk[0].read_text(), count=1, flags=re.S)
+                if n != 1:
+                    raise RuntimeError(f"{chk[0]}: no <ffsocket><address> in the checkpoint")
+                _write_text(restart, text)
+                return Launch(phase, restart, chk[1])
+            return self._fresh(k, phase)
+        return None
+
+    def _cut_back(self, folder: Path, step: int) -> bool:
+        """Cut every output back to ``step`` so the restarted i-PI appends seamlessly."""
+        if not _cut_dipoles(folder / f"{PREFIX}.dipole_0", step):
+            return False
+        _cut_rows(folder / f"{PREFIX}.out", lambda s: s <= step)
+        _cut_xyz(folder / f"{PREFIX}.pos_0.xyz", step)
+        _cut_rows(folder / "uncertainty.csv", lambda s: s < step)  # step `step` is evaluated again
+        return True
+
+    def _fresh(self, k: int, phase: Phase) -> Launch:
+        from ipi_inputs.render import render_input
+
+        folder = self.phase_folder(phase)
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        spec, md = self.spec, self.config.md
+        common = dict(socket=f"unix:{self.socket_name}", steps=phase.steps, seed=spec.seed, prefix=PREFIX,
+                      timeout=600.0)
+        if phase.template == "production_nve":
+            previous = self.phase_folder(self.phases[k - 1])
+            chk = latest_checkpoint(previous)
+            if chk is None:
+                raise RuntimeError(f"{self.id}: no checkpoint in {previous} to start {phase.name} from")
+            start = folder / "start.chk"
+            shutil.copyfile(chk[0], start)
+            xml = render_input(phase.template, folder, checkpoint=start, **common)
+        else:
+            xml = render_input(phase.template, folder, structure=spec.cluster.structure,
+                               temperature=spec.temperature, velocities="thermal", **common)
+        _write_text(xml, patch_xml(xml.read_text(), md.checkpoint_steps, md.timestep_fs))
+        return Launch(phase, xml, 0)
+
+
+# ---------------------------------------------------------------------- drivers
+class DriverProcess:
+    """A ``python -m driver.batch_server --control -`` child; its events land in a shared queue."""
+
+    def __init__(self, index: int, config: CampaignConfig, events: queue.Queue, log_dir: Path):
+        self.index = index
+        self.targets: set[str] = set()
+        cmd = [sys.executable, "-m", "driver.batch_server", "--models", str(config.models), "--control", "-",
+               "--threads", str(config.run.threads), "--gather-ms", f"{config.run.gather_ms:g}",
+               "--progress-every", "1", "--sockets-prefix", SOCKETS_PREFIX,
+               "--stop-measure", config.trust.measure]
+        if config.trust.cap is not None:
+            cmd += ["--stop-above", f"{config.trust.cap:g}"]
+        if config.trust.fragment_distance is not None:
+            cmd += ["--fragment-distance", f"{config.trust.fragment_distance:g}"]
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"driver{index}.log"
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                         env=_child_env(config.run.threads), text=True, bufsize=1,
+                                         preexec_fn=_die_with_parent)
+        self.started = start_time(self.proc.pid)
+        self.stopping = False
+        self._reader = threading.Thread(target=self._read, args=(events,), daemon=True)
+        self._reader.start()
+
+    def _read(self, events: queue.Queue) -> None:
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(event, dict):
+                events.put((self.index, event))
+        events.put((self.index, {"event": "driver-exit"}))
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def add(self, target: dict) -> None:
+        """Ask the driver to serve ``target``; a dead driver is noticed (and replaced) by the runner's loop."""
+        self.targets.add(target["id"])
+        with contextlib.suppress(BrokenPipeError, OSError, ValueError):
+            self.proc.stdin.write(json.dumps({"add": target}) + "\n")
+            self.proc.stdin.flush()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self.stopping = True
+        if self.proc.poll() is None:
+            with contextlib.suppress(BrokenPipeError, OSError, ValueError):
+                self.proc.stdin.write(json.dumps({"shutdown": True}) + "\n")
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+
+
+@dataclass
+class Active:
+    run: TrajectoryRun
+    launch: Launch
+    proc: subprocess.Popen
+    driver: DriverProcess
+    target_id: str
+    started_step: int
+    step: int
+    stop: dict | None = None
+    error: str | None = None
+    stop_deadline: float | None = None
+
+
+# ---------------------------------------------------------------------- the runner
+class CampaignRunner:
+    """Schedules the trajectories of a campaign over i-PI processes and batched drivers."""
+
+    def __init__(self, config: CampaignConfig, log=None, progress_every: float = 30.0, stream=None):
+        self.config = config
+        self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        self.stream = stream if stream is not None else sys.stderr
+        self.live = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.progress_every = 1.0 if self.live else progress_every
+        self.runs = [TrajectoryRun(spec, config, k) for k, spec in enumerate(config.trajectories())]
+        self._events: queue.Queue = queue.Queue()
+        self._launches = 0
+        self._stats = {"wall_s": 0.0, "steps": 0, "structures": 0, "batches": 0}
+        self._driver_stats: dict[int, dict] = {}
+
+    # ------------------------------------------------------------ bookkeeping
+    @contextlib.contextmanager
+    def lock(self):
+        """One campaign per output folder (an flock, released by the kernel even on SIGKILL)."""
+        import fcntl
+
+        self.config.output.mkdir(parents=True, exist_ok=True)
+        path = self.config.output / ".campaign.lock"
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                raise ValueError(f"another campaign is running in {self.config.output} "
+                                 f"(pid {f.read().strip() or '?'})") from None
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            try:
+                yield self
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def states(self) -> list[tuple[TrajectoryRun, dict]]:
+        return [(run, dict(run.state)) for run in self.runs]
+
+    def throughput(self) -> dict:
+        wall = self._stats["wall_s"]
+        ps = self._stats["steps"] * self.config.md.timestep_fs / 1000.0
+        out = {"wall_s": round(wall, 2), "simulated_ps": round(ps, 4), "md_steps": self._stats["steps"]}
+        if wall > 0:
+            out.update(ps_per_hour=round(ps / wall * 3600.0, 3), steps_per_s=round(self._stats["steps"] / wall, 3))
+        structures = sum(s.get("structures", 0) for s in self._driver_stats.values())
+        batches = sum(s.get("batches", 0) for s in self._driver_stats.values())
+        if batches:
+            out["mean_structures_per_pass"] = round(structures / batches, 3)
+        return out
+
+    def _reap(self) -> None:
+        """End processes a killed earlier invocation left behind (normally already gone: PDEATHSIG)."""
+        ended = 0
+        for run in self.runs:
+            if end_process(run.state.get("ipi_pid"), run.state.get("ipi_started")):
+                ended += 1
+        drivers = self.config.output / "drivers.json"
+        if drivers.is_file():
+            with contextlib.suppress(OSError, json.JSONDecodeError, TypeError):
+                for entry in json.loads(drivers.read_text()):
+                    ended += end_process(entry.get("pid"), entry.get("started"))
+        if ended:
+            self.log(f"ended {ended} process(es) left over from an interrupted campaign")
+
+    # ------------------------------------------------------------ the loop
+    def run(self, retry_failed: bool = True) -> None:
+        cfg = self.config
+        for run in self.runs:
+            run.check_compatible()
+        self._reap()
+        for run in self.runs:
+            if run.status == "running":
+                run.save(status="pending")
+        todo = [r for r in self.runs if r.status not in FINAL and (retry_failed or r.status != "failed")]
+        finished = sum(r.status in FINAL for r in self.runs)
+        self.log(f"campaign {cfg.output}: {len(self.runs)} trajectories, {finished} already finished, "
+                 f"{len(todo)} to run")
+        if not todo:
+            return
+        # the committee must know every element before any process starts
+        from driver.models.committee import load_committee
+        from ipi_inputs.render import read_cluster
+
+        committee = load_committee(cfg.models)
+        for cluster in cfg.clusters:
+            committee.check_numbers(read_cluster(cluster.structure).numbers, source=str(cluster.structure))
+        del committee
+
+        pending = deque(todo)
+        active: dict[str, Active] = {}
+        drivers = [DriverProcess(k, cfg, self._events, cfg.output / "drivers")
+                   for k in range(min(cfg.run.drivers, len(todo)))]
+        self._record_drivers(drivers)
+        start = time.monotonic()
+        self._steps_cache: dict[str, int] = {}
+        self._start_steps = {r.id: self._current_steps(r, {}) for r in self.runs}
+        last_line = 0.0
+        restarts = 0
+        try:
+            while pending or active:
+                while pending and len(active) < cfg.run.workers:
+                    run = pending.popleft()
+                    try:
+                        launch = run.prepare()
+                    except Exception as exc:  # rendering or file problems: this trajectory fails
+                        run.save(status="failed", reason=f"cannot prepare: {exc}")
+                        self._say(f"{run.id}: failed: cannot prepare: {exc}")
+                        continue
+                    if launch is None:
+                        run.save(status="done", reason=None)
+                        continue
+                    driver = min(drivers, key=lambda d: sum(a.driver is d for a in active.values()))
+                    active[run.id] = self._launch(run, launch, driver)
+                self._pump(active, pending, timeout=0.5)
+                for driver in list(drivers):
+                    if not driver.alive() and not driver.stopping:
+                        restarts += 1
+                        self._driver_lost(driver, active, pending)
+                        if restarts > 3:
+                            raise RuntimeError(f"batched driver exited {restarts} times; see {driver.log_path}")
+                        drivers[drivers.index(driver)] = DriverProcess(driver.index, cfg, self._events,
+                                                                       cfg.output / "drivers")
+                        self._record_drivers(drivers)
+                now = time.monotonic()
+                self._stats["wall_s"] = now - start
+                if now - last_line >= self.progress_every:
+                    last_line = now
+                    self._progress(active, now - start)
+        except KeyboardInterrupt:
+            self._say("interrupted: stopping i-PI (it writes a checkpoint); run the same command to resume")
+            raise
+        finally:
+            for a in active.values():
+                if a.proc.poll() is None:
+                    a.proc.terminate()  # i-PI's soft exit: RESTART at its last safe step
+            for driver in drivers:
+                driver.stop()
+            for a in active.values():
+                try:
+                    a.proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    a.proc.kill()
+                if a.run.status == "running":
+                    a.run.save(status="pending", ipi_pid=None)
+            self._stats["wall_s"] = time.monotonic() - start
+            self._progress({}, self._stats["wall_s"], final=True)
+
+    def _record_drivers(self, drivers: list[DriverProcess]) -> None:
+        _write_json(self.config.output / "drivers.json",
+                    [{"pid": d.proc.pid, "started": d.started} for d in drivers])  # type: ignore[arg-type]
+
+    def _launch(self, run: TrajectoryRun, launch: Launch, driver: DriverProcess) -> Active:
+        folder = run.phase_folder(launch.phase)
+        path = SOCKETS_PREFIX + run.socket_name
+        if os.path.exists(path):
+            _remove_stale_socket(path)
+        with open(folder / "ipi.log", "a") as log:
+            log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}: i-pi {launch.xml.name} "
+                      f"(from step {launch.step_offset})\n")
+            log.flush()
+            proc = subprocess.Popen([_executable("i-pi"), launch.xml.name], cwd=folder, stdout=log,
+                                    stderr=subprocess.STDOUT, env=_child_env(1), preexec_fn=_die_with_parent)
+        self._launches += 1
+        target_id = f"{run.id}#{self._launches}"
+        driver.add({"id": target_id, "socket": f"unix:{run.socket_name}", "structure": str(run.spec.cluster.structure),
+                    "log": str(folder / "uncertainty.csv"), "step_offset": launch.step_offset})
+        run.save(status="running", phase=launch.phase.name, ipi_pid=proc.pid, ipi_started=start_time(proc.pid))
+        where = f"resumed at step {launch.step_offset}" if launch.step_offset else "started"
+        self._say(f"{run.id}: {launch.phase.name} {where} ({launch.phase.steps} steps, driver {driver.index})")
+        return Active(run, launch, proc, driver, target_id, launch.step_offset, launch.step_offset)
+
+    def _pump(self, active: dict[str, Active], pending: deque, timeout: float) -> None:
+        by_target = {a.target_id: a for a in active.values()}
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                index, event = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            kind = event.get("event")
+            if kind == "progress":
+                self._driver_stats[index] = event
+                for target, step in event.get("steps", {}).items():
+                    if target in by_target:
+                        by_target[target].step = step
+                continue
+            a = by_target.get(event.get("id"))
+            if a is None:
+                continue
+            if kind == "stopped":
+                a.stop = event
+                a.stop_deadline = time.monotonic() + STOP_GRACE_S
+            elif kind == "error":
+                a.error = event.get("message", "driver error")
+                if a.proc.poll() is None:
+                    a.proc.terminate()
+            elif kind in ("finished", "disconnected"):
+                a.step = event.get("step", a.step)
+                if kind == "disconnected" and a.error is None:
+                    a.error = event.get("message")
+        for key, a in list(active.items()):
+            if a.stop_deadline is not None and time.monotonic() > a.stop_deadline and a.proc.poll() is None:
+                a.proc.terminate()
+            if a.proc.poll() is not None:
+                del active[key]
+                self._ended(a, pending)
+
+    def _ended(self, a: Active, pending: deque) -> None:
+        run, phase = a.run, a.launch.phase
+        folder = run.phase_folder(phase)
+        stop = a.stop
+        stop_file = folder / "uncertainty.csv.stop.json"
+        if stop is None and stop_file.is_file():
+            with contextlib.suppress(OSError, json.JSONDecodeError):
+                stop = json.loads(stop_file.read_text())
+        labels = dipole_labels(folder / f"{PREFIX}.dipole_0")
+        self._stats["steps"] += max(0, (max(labels) if labels else 0) - a.started_step)
+        self._steps_cache.pop(run.id, None)
+        if stop is not None:
+            run.save(status="untrusted", reason=stop.get("reason"), stopped_at_step=stop.get("step"),
+                     stopped_phase=phase.name, ipi_pid=None)
+            self._say(f"{run.id}: STOPPED in {phase.name} at step {stop.get('step')}: {stop.get('reason')} "
+                      f"(excluded from the mean spectrum)")
+            return
+        if run.phase_complete(phase):
+            run.save(phases_done=run.state["phases_done"] + [phase.name], ipi_pid=None)
+            if phase is run.phases[-1]:
+                run.save(status="done", reason=None)
+                self._say(f"{run.id}: done ({run.total_steps} steps)")
+            else:
+                pending.appendleft(run)  # next phase, same slot
+            return
+        reason = a.error or f"i-PI exited with status {a.proc.returncode}"
+        tail = _last_line(folder / "ipi.log")
+        if tail:
+            reason += f"; i-PI log: {tail}"
+        run.attempts += 1
+        if run.attempts < MAX_ATTEMPTS:
+            run.save(status="pending", reason=reason, ipi_pid=None)
+            pending.append(run)
+            self._say(f"{run.id}: interrupted at step {max(labels) if labels else 0} ({reason}); will resume")
+        else:
+            run.save(status="failed", reason=reason, ipi_pid=None)
+            self._say(f"{run.id}: FAILED after {run.attempts} attempts: {reason}")
+
+    def _driver_lost(self, driver: DriverProcess, active: dict[str, Active], pending: deque) -> None:
+        self._say(f"batched driver {driver.index} exited (status {driver.proc.returncode}); see {driver.log_path}; "
+                  f"restarting it and resuming its trajectories")
+        for a in active.values():
+            if a.driver is driver:
+                a.error = a.error or "the batched driver exited"
+                if a.proc.poll() is None:
+                    a.proc.terminate()
+
+    # ------------------------------------------------------------ output
+    def _say(self, message: str) -> None:
+        if self.live:
+            self.stream.write("\r\033[K")
+        self.log(message)
+
+    def _current_steps(self, run: TrajectoryRun, active: dict[str, Active]) -> int:
+        """Steps of ``run`` simulated so far (cached: reading dipole files every second would be costly)."""
+        if run.id in active:
+            a = active[run.id]
+            steps = sum(p.steps for p in run.phases if p.name in run.state["phases_done"]) + a.step
+            self._steps_cache[run.id] = steps
+            return steps
+        if run.id not in self._steps_cache:
+            self._steps_cache[run.id] = run.total_steps if run.status == "done" else run.steps_done()
+        return self._steps_cache[run.id]
+
+    def _progress(self, active: dict[str, Active], elapsed: float, final: bool = False) -> None:
+        dt_ps = self.config.md.timestep_fs / 1000.0
+        counts = {s: sum(r.status == s for r in self.runs) for s in ("done", "untrusted", "failed")}
+        current = {r.id: self._current_steps(r, active) for r in self.runs}
+        new_steps = max(0, sum(current.values()) - sum(self._start_steps.values()))
+        rate = new_steps * dt_ps / elapsed * 3600.0 if elapsed > 0 else 0.0  # ps per hour
+        left = sum(max(0, r.total_steps - current[r.id]) for r in self.runs if r.status not in FINAL + ("failed",))
+        eta = "0s" if not left else (_duration(left * dt_ps / rate * 3600.0) if rate > 0 else "-")
+        line = (f"campaign: {counts['done']}/{len(self.runs)} done, {len(active)} running, {counts['failed']} failed, "
+                f"{counts['untrusted']} untrusted | {sum(current.values()) * dt_ps:.2f}/"
+                f"{sum(r.total_steps for r in self.runs) * dt_ps:.2f} ps simulated | {rate:.2f} ps/h | ETA {eta}")
+        if self.live:
+            self.stream.write("\r\033[K" + line + ("\n" if final else ""))
+            self.stream.flush()
+        else:
+            self.log(line)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [s.strip() for s in path.read_text(errors="replace").splitlines() if s.strip()]
+    except OSError:
+        return ""
+    errors = [s for s in lines if "Error" in s or "error" in s]
+    return (errors[-1] if errors else lines[-1])[:300] if lines else ""
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a UNIX socket file nobody listens on (left by a killed i-PI); refuse to touch a live one."""
+    probe = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except OSError:
+        return
+    finally:
+        probe.close()
+    raise RuntimeError(f"an i-PI server is still listening on {path}; is another campaign using this folder?")

@@ -1,0 +1,279 @@
+"""`nanosil ir-campaign`: configuration checks, i-PI file surgery for resuming, and a real campaign (real
+i-PI, the batched driver, a small committee trained here on GFN2-xTB labels) that is SIGKILLed, resumed,
+and then extended with more seeds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from al_manager.campaign import composition_of, config_from_dict, load_config
+from al_manager.production import _cut_dipoles, _cut_rows, dipole_labels, patch_xml, start_time
+
+ROOT = Path(__file__).resolve().parents[1]
+STRUCTURES = ROOT / ".." / "shared" / "data" / "structures"
+BIN = Path(sys.executable).parent
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+           PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def structure(name: str) -> Path:
+    path = STRUCTURES / name
+    if not path.is_file():
+        pytest.skip(f"reference structure {path} not available")
+    return path.resolve()
+
+
+# ---------------------------------------------------------------------- configuration
+def _minimal(tmp_path: Path, **extra) -> dict:
+    models = tmp_path / "m"
+    models.mkdir(exist_ok=True)
+    (models / "committee.json").write_text("{}")
+    data = {"models": str(models), "clusters": {"P1": str(structure("pyroxene_N01_GM.xyz"))}}
+    data.update(extra)
+    return data
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"md": {"production_ps": -1}}, "md.production_ps must be positive"),
+    ({"md": {"prodution_ps": 10}}, "unknown key md.prodution_ps"),
+    ({"ensemble": "npt"}, "ensemble must be one of nvt, nve"),
+    ({"seeds": [1, 1]}, "seeds: repeated values"),
+    ({"temperatures": [300, -5]}, "temperatures: -5"),
+    ({"spectra": {"correlation_depth_fs": 50000}}, "spectra.correlation_depth_fs"),
+    ({"ensemble": "nve", "md": {"equilibration_ps": 0}}, "md.equilibration_ps must be positive"),
+    ({"run": {"drivers": 64, "workers": 64}}, "oversubscribe"),
+    ({"trust": {"cap": "high"}}, "trust.cap must be a number"),
+    ({"clusters": {"P9": "missing.xyz"}}, "clusters.P9: structure file"),
+    ({"clusters": {"P1": {"structure": "x.xyz", "colour": 1}}}, "unknown key clusters.P1.colour"),
+    ({"clusters": {"P1": {"size": 2}}}, "clusters.P1.structure: missing"),
+])
+def test_bad_config_names_the_key(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        config_from_dict(_minimal(tmp_path, **change), tmp_path)
+
+
+def test_config_defaults_and_plan(tmp_path):
+    data = _minimal(tmp_path, seeds=2, temperatures=[100, 800])
+    data["clusters"]["O2"] = {"structure": str(structure("olivine_N02_GM.xyz"))}
+    cfg = config_from_dict(data, tmp_path)
+    assert (cfg.md.production_ps, cfg.md.timestep_fs, cfg.md.discard_ps, cfg.ensemble) == (40.0, 0.5, 5.0, "nvt")
+    assert cfg.md.production_steps == 80000 and cfg.trust.measure == "force"
+    plan = cfg.trajectories()
+    assert len(plan) == 8 and len({t.id for t in plan}) == 8
+    assert [t.cluster.name for t in plan[:4]] == ["P1"] * 4        # by size: P1 (5 atoms) before O2 (14)
+    from ase.io import read
+
+    assert composition_of(cfg.clusters[1], read(cfg.clusters[1].structure)) == ("olivine", 2)
+    assert composition_of(cfg.clusters[0]) == ("pyroxene", 1)
+
+
+def test_example_config_is_valid():
+    path = ROOT / "examples" / "campaign.toml"
+    cfg = load_config(path, check_files=False)
+    assert cfg.clusters and cfg.temperatures and cfg.seeds
+
+
+# ---------------------------------------------------------------------- file surgery
+def test_patch_xml_and_cutting_back_outputs(tmp_path):
+    from ipi_inputs import render_input
+
+    xml = render_input("production_nvt", tmp_path, socket="unix:x", structure=structure("pyroxene_N01_GM.xyz"),
+                       temperature=300, seed=1, steps=100, prefix="md")
+    text = patch_xml(xml.read_text(), checkpoint_steps=50, timestep_fs=0.25)
+    assert "<checkpoint stride='50'" in text and "flush='1'" in text and "> 0.25 </timestep>" in text
+    with pytest.raises(RuntimeError, match="template changed"):
+        patch_xml("<simulation/>", 50, 0.5)
+    dip = tmp_path / "md.dipole_0"
+    dip.write_text("".join(f" #EXTRAS(dipole)# Step:  {k} \n 0.1 0.2 {k}\n" for k in range(8)))
+    assert _cut_dipoles(dip, 5) and dipole_labels(dip) == list(range(6))
+    assert not _cut_dipoles(dip, 7)       # frames 6 and 7 are gone: restarting at 7 would leave a gap
+    log = tmp_path / "u.csv"
+    log.write_text("step,a\n" + "".join(f"{k},0.1\n" for k in range(8)) + "8,0.")  # last line torn
+    _cut_rows(log, lambda s: s < 4)
+    assert log.read_text() == "step,a\n0,0.1\n1,0.1\n2,0.1\n3,0.1\n"
+
+
+# ---------------------------------------------------------------------- a real campaign
+@pytest.fixture(scope="module")
+def xtb_model(tmp_path_factory):
+    """A small committee (3 + 1 members) trained on GFN2-xTB labels of P1 and O1 sampled along their xTB normal
+    modes at 50-600 K, and the xTB-relaxed structures it starts from."""
+    from ase import units
+    from ase.io import read, write
+
+    from al_manager.reference.base import get_backend
+    from driver.data import Frame
+    from driver.training import TrainConfig, train_committee
+
+    pytest.importorskip("tblite")
+    folder = tmp_path_factory.mktemp("campaign_model")
+    xtb = get_backend("xtb")
+    rng = np.random.default_rng(0)
+    hbar = units._hbar * units.J * units.s
+    frames, paths = [], {}
+    for name, tag in (("pyroxene_N01_GM.xyz", "P1"), ("olivine_N01_GM.xyz", "O1")):
+        base = xtb.relax(read(structure(name)))
+        paths[tag] = folder / f"{tag}.xyz"
+        write(paths[tag], base)
+        h = xtb.harmonic(base)
+        keep = h.frequencies > 50
+        sqm = np.sqrt(base.get_masses())[:, None]
+        modes = np.array([v / np.linalg.norm(v * sqm) for v in h.modes[keep]])  # unit mass-weighted norm
+        omega = h.frequencies[keep] * units.invcm / hbar
+        for k in range(40):
+            amplitude = rng.normal(size=len(omega)) * np.sqrt(units.kB * (50, 150, 300, 600)[k % 4]) / omega
+            atoms = base.copy()
+            atoms.positions += np.tensordot(amplitude, modes, axes=1)
+            label = xtb.label(atoms)
+            frames.append(Frame(atoms.numbers.copy(), atoms.positions.copy(), label.energy, label.forces,
+                                label.dipole))
+    train_committee(frames, folder / "model", TrainConfig(
+        committee=3, dipole_members=1, epochs=60, patience=60, log_every=1000,
+        model=dict(hidden=(32, 32), dipole_features=16, dipole_interactions=1)))
+    return folder / "model", paths
+
+
+def _write_config(path: Path, model: Path, paths: dict, seeds: int, workers: int) -> None:
+    path.write_text(f"""
+models = "{model}"
+output = "out"
+temperatures = [100]
+seeds = {seeds}
+
+[md]
+equilibration_ps = 0.025
+production_ps = 0.25
+discard_ps = 0.05
+checkpoint_ps = 0.025
+
+[run]
+workers = {workers}
+drivers = 1
+
+[trust]
+cap = 50.0
+
+[spectra]
+correlation_depth_fs = 150
+
+[clusters]
+P1 = "{paths['P1']}"
+O1 = "{paths['O1']}"
+""")
+
+
+def _campaign(config: Path, **kw) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "nanosil"), "ir-campaign", str(config)], cwd=config.parent, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _states(out: Path) -> dict:
+    states = {}
+    for path in out.glob("runs/*/*/*/state.json"):
+        try:
+            states[path.parent] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+    return states
+
+
+def _chk_step(run: Path) -> int:
+    from al_manager.production import latest_checkpoint
+
+    chk = latest_checkpoint(run / "md")
+    return chk[1] if chk else 0
+
+
+def _stderr_squares(out: Path) -> float:
+    """Sum over clusters and wavenumbers of the squared standard error (the variance of the mean)."""
+    from spectra.spectrum import read_spectrum
+
+    return sum(float(np.sum(read_spectrum(out / "spectra" / c / "100K" / "spectrum.csv").stderr ** 2))
+               for c in ("P1", "O1"))
+
+
+@pytest.mark.slow
+def test_campaign_killed_resumed_and_extended(xtb_model, tmp_path):
+    model, paths = xtb_model
+    config = tmp_path / "campaign.toml"
+    out = tmp_path / "out"
+    _write_config(config, model, paths, seeds=2, workers=2)
+
+    # 1. start, and SIGKILL the campaign once a trajectory is done and another one is past a checkpoint
+    proc = _campaign(config)
+    deadline = time.monotonic() + 600
+    try:
+        while True:
+            states = _states(out)
+            done = [f for f, s in states.items() if s["status"] == "done"]
+            running = [f for f, s in states.items() if s["status"] == "running" and _chk_step(f) >= 50]
+            if done and running:
+                break
+            assert proc.poll() is None, f"campaign ended before it could be killed:\n{proc.communicate()[1][-3000:]}"
+            assert time.monotonic() < deadline, "campaign made no progress"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    finished = {f: ((f / "md" / "md.dipole_0").stat().st_mtime_ns, (f / "md" / "md.dipole_0").read_bytes())
+                for f, s in _states(out).items() if s["status"] == "done"}
+    interrupted = [f for f, s in _states(out).items() if s["status"] == "running"]
+    assert finished and interrupted
+
+    # 2. the same command again: finished trajectories untouched, interrupted ones resumed from checkpoints
+    proc = _campaign(config)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-4000:]
+    assert f"{len(finished)} already finished" in err
+    assert "resumed at step" in err
+    assert "campaign: 4/4 done, 0 running, 0 failed" in err              # the progress line
+    for folder, (mtime, content) in finished.items():
+        assert (folder / "md" / "md.dipole_0").stat().st_mtime_ns == mtime
+        assert (folder / "md" / "md.dipole_0").read_bytes() == content
+    for folder in interrupted:
+        assert dipole_labels(folder / "md" / "md.dipole_0") == list(range(550 + 1))  # no step repeated or lost
+    # nothing left running: every i-PI recorded in the state files is gone
+    for s in _states(out).values():
+        assert s["status"] == "done" and (s["ipi_pid"] is None or start_time(s["ipi_pid"]) != s["ipi_started"])
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == {"done": 4, "untrusted": 0, "failed": 0, "pending": 0}
+    assert sorted((t["cluster"], t["seed"]) for t in summary["trajectories"]) == [
+        ("O1", 1), ("O1", 2), ("P1", 1), ("P1", 2)]
+    for t in summary["trajectories"]:
+        assert t["simulated_ps"] == pytest.approx(0.275) and t["in_mean"] and t["uncertainty"]
+    for name in ("P1", "O1"):
+        csv = out / "spectra" / name / "100K" / "spectrum.csv"
+        assert csv.read_text().splitlines()[0] == "wavenumber_cm-1,wavelength_um,intensity,stderr"
+        assert (out / "spectra" / name / "100K" / "spectrum.png").stat().st_size > 10000
+        assert (out / "spectra" / name / "harmonic.txt").is_file()
+    for comp in ("pyroxene", "olivine"):
+        table = (out / "sums" / f"{comp}_100K_kappa.txt").read_text()
+        assert "kappa_cm2_g" in table and (out / "sums" / f"{comp}_100K_sum.png").is_file()
+    spectrum = np.loadtxt(out / "spectra" / "P1" / "100K" / "spectrum.csv", delimiter=",", skiprows=1)
+    assert np.all(np.isfinite(spectrum[:, [0, 2, 3]])) and spectrum[:, 2].max() > 0 and spectrum[:, 3].max() > 0
+    two_runs = _stderr_squares(out)
+
+    # 3. more seeds: only the new trajectories run, and the standard error of the mean shrinks
+    _write_config(config, model, paths, seeds=6, workers=4)
+    proc = _campaign(config)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-4000:]
+    assert "4 already finished, 8 to run" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["done"] == 12
+    assert all(s["n_runs"] == 6 for s in summary["spectra"])
+    six_runs = _stderr_squares(out)
+    # variance of the mean: sigma^2/n, expected ratio 2/6; a factor 1.5 leaves room for the noise of 2 runs
+    assert six_runs < two_runs / 1.5, (two_runs, six_runs)
