@@ -66,7 +66,7 @@ def test_training_beats_untrained_baseline_on_held_out_dft(trained, p2_dft_frame
     assert trained_err["force_mae_eV_per_A"] < 0.65 * base_err["force_mae_eV_per_A"]
     assert trained_err["dipole_mae_D"] < 0.75 * base_err["dipole_mae_D"]
     meta = json.loads((tmp / "models" / "committee.json").read_text())
-    assert meta["calibration"]["energy"] > 0 and meta["metadata"]["n_train"] == 22
+    assert meta["calibration"]["energy"] > 0 and meta["metadata"]["n_train"] == 23
 
 
 def test_evaluate_prints_table(trained):
