@@ -100,9 +100,13 @@ def _harmonic(config: CampaignConfig, cluster, out_dir: Path, log) -> dict | Non
     out_dir.mkdir(parents=True, exist_ok=True)
     write_harmonic(out_dir / "harmonic.txt", result)
     write(out_dir / "harmonic_structure.xyz", atoms, format="extxyz")
-    vib = result.frequencies[6:] if len(atoms) > 2 else result.frequencies[5:]
-    record.update(file=_rel(out_dir / "harmonic.txt", config.output), n_imaginary=int(np.sum(vib < -1.0)))
-    record["result"] = result
+    # the rigid-body modes (projected to zero frequency, but a rotating polar cluster has a dipole
+    # derivative) are not vibrations: leave them out of the plotted spectrum
+    n_rigid = 6 if len(atoms) > 2 else 5
+    vib = np.sort(np.argsort(np.abs(result.frequencies))[n_rigid:])
+    record.update(file=_rel(out_dir / "harmonic.txt", config.output),
+                  n_imaginary=int(np.sum(result.frequencies[vib] < -1.0)))
+    record["result"] = type(result)(result.frequencies[vib], result.intensities[vib], None, result.method)
     return record
 
 

@@ -491,7 +491,14 @@ def run_loop(plan: LoopPlan, *, init_only: bool = False, make_initial: Callable 
 def _check_same_structures(state: State, plan: LoopPlan) -> None:
     """A work directory belongs to one set of structures and temperatures: resuming it with others would
     mix runs. (Thresholds, sizes and limits may change between resumes.)"""
-    key = {"structures": {n: str(Path(p).resolve()) for n, p in plan.structures.items()},
+    from driver.data import structure_hash
+    from ipi_inputs import read_cluster
+
+    def identity(path: str) -> str:  # the structure itself, not where its file lives
+        atoms = read_cluster(path)
+        return structure_hash(atoms.numbers, atoms.positions)
+
+    key = {"structures": {n: identity(p) for n, p in plan.structures.items()},
            "temperatures": [float(t) for t in plan.temperatures], "backend": plan.backend}
     recorded = state.get("identity")
     if recorded is None:
@@ -500,6 +507,10 @@ def _check_same_structures(state: State, plan: LoopPlan) -> None:
         return
     for field_name in ("structures", "temperatures", "backend"):
         if recorded.get(field_name) != key[field_name]:
-            raise ValueError(f"work directory {plan.workdir} was started with {field_name} = "
-                             f"{json.dumps(recorded.get(field_name))}; the configuration now says "
-                             f"{json.dumps(key[field_name])}: use a new work directory")
+            if field_name == "structures":
+                was, now = sorted(recorded["structures"]), sorted(key["structures"])
+                detail = (f"structures {', '.join(was)}" if was != now else "other atoms under the same names")
+            else:
+                detail = f"{field_name} = {json.dumps(recorded.get(field_name))}"
+            raise ValueError(f"{field_name}: work directory {plan.workdir} was started with {detail}; "
+                             f"use a new work directory for this configuration")

@@ -1,11 +1,18 @@
 """Running a campaign's trajectories: one i-PI per trajectory, a few batched drivers serving all of them.
 
-Design (measured in ``bench/campaign_throughput.py``): i-PI runs one system per process and each step of
-a small cluster costs i-PI a few ms of Python, while one committee pass over a batch of 8 structures costs
-barely more than over one. So every trajectory gets its own i-PI process (``OMP_NUM_THREADS=1``), and
-``run.drivers`` batch servers (:mod:`driver.batch_server`, ``run.threads`` torch threads each) connect to
-them and evaluate whatever structures are waiting in one pass. ``run.workers`` trajectories run at once;
-the queue is sorted by cluster size so trajectories that share a pass have similar sizes.
+Design (measured with ``bench/campaign_throughput.py`` on 2 cores, default model sizes): one i-PI step of
+a small cluster costs i-PI ~3 ms of Python CPU, one committee evaluation of P2 ~8 ms alone but ~3 ms per
+structure in a pass of 8, and one-by-one (i-PI + ``nanosil-driver``) uses one core at a time because i-PI
+and its driver take turns (12 ms CPU per step). So every trajectory gets its own i-PI process
+(``OMP_NUM_THREADS=1``) and ``run.drivers`` batch servers (:mod:`driver.batch_server`, ``run.threads``
+torch threads each; default one per core with >= 4 trajectories each) evaluate whatever structures are
+waiting in one pass, while the other core runs i-PI steps and the other driver. For 8 P2 trajectories:
+one-by-one 79 steps/s, one driver 213 (2.7x), two drivers 284 (3.6x; 6.6 ms CPU per step); for P1-P5,
+O1-O5 (sizes 5-35) 60, 102 and 121 steps/s (2.0x: batching mixed sizes saves less model time). Two torch
+threads in one driver were many times slower than one on the shared 2-core machine, so parallelism
+comes from processes. ``run.workers`` trajectories run at once; the queue is sorted by cluster size and
+each new trajectory goes to the driver whose trajectories are closest in size, so passes need little
+padding (:func:`driver.batch_server.partition_by_size` splits what padding would make too costly).
 
 Per trajectory, a folder ``runs/<cluster>/<T>K/seed<seed>/`` holds ``state.json`` (status, phase, reason)
 and one sub-folder per phase:
@@ -45,6 +52,8 @@ import xml.etree.ElementTree as ET
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .campaign import CampaignConfig, TrajectorySpec, n_atoms
 
@@ -232,9 +241,18 @@ def _cut_xyz(path: Path, last: int) -> None:
     _write_text(path, "".join(out))
 
 
-def patch_xml(text: str, checkpoint_steps: int, timestep_fs: float) -> str:
+IPI_LATENCY_S = 1e-3  # i-PI's force-field polling interval (default 1e-4 s)
+
+
+def patch_xml(text: str, checkpoint_steps: int, timestep_fs: float, latency_s: float = IPI_LATENCY_S) -> str:
     """Adapt a rendered template: checkpoint interval, the dipole file flushed every step (so it never lags
-    behind a checkpoint), and the timestep. Raises if the template no longer has these elements."""
+    behind a checkpoint), the timestep, and i-PI's polling latency. Raises if the template no longer has
+    these elements.
+
+    Latency: i-PI's force-field thread sleeps ``latency`` between polls, also while the integrator works;
+    at the default 1e-4 s eight i-PI processes waiting on a batched driver wake 80000 times a second.
+    1e-3 s cut the CPU per MD step of P2x8 batched by ~7% (+10-15% steps/s) and changed nothing for a
+    single i-PI + nanosil-driver (bench/campaign_throughput.py set-up, measured on 2 cores)."""
     patterns = [
         (r"(<checkpoint\s+stride=')(\d+)(')", str(int(checkpoint_steps))),
         (r"(<trajectory\s+filename='dipole'[^>]*?flush=')(\d+)(')", "1"),
@@ -244,6 +262,12 @@ def patch_xml(text: str, checkpoint_steps: int, timestep_fs: float) -> str:
         text, n = re.subn(pattern, lambda m: m.group(1) + value + m.group(3), text)
         if n != 1:
             raise RuntimeError(f"i-PI template changed: cannot find {pattern!r} to set it to {value}")
+    if "<latency>" in text:
+        text = re.sub(r"(<latency>\s*)([^<]*?)(\s*</latency>)", lambda m: m.group(1) + repr(latency_s) + m.group(3), text)
+    else:
+        text, n = re.subn(r"(<ffsocket\b[^>]*>)", lambda m: m.group(1) + f"\n    <latency> {latency_s!r} </latency>", text)
+        if n != 1:
+            raise RuntimeError("i-PI template changed: no <ffsocket> to set the polling latency in")
     return text
 
 
@@ -601,8 +625,7 @@ class CampaignRunner:
                     if launch is None:
                         run.save(status="done", reason=None)
                         continue
-                    driver = min(drivers, key=lambda d: sum(a.driver is d for a in active.values()))
-                    active[run.id] = self._launch(run, launch, driver)
+                    active[run.id] = self._launch(run, launch, self._pick_driver(drivers, active, run))
                 self._pump(active, pending, timeout=0.5)
                 for driver in list(drivers):
                     if not driver.alive() and not driver.stopping:
@@ -636,6 +659,20 @@ class CampaignRunner:
                     a.run.save(status="pending", ipi_pid=None)
             self._stats["wall_s"] = time.monotonic() - start
             self._progress({}, self._stats["wall_s"], final=True)
+
+    def _pick_driver(self, drivers: list[DriverProcess], active: dict[str, "Active"], run: TrajectoryRun):
+        """A driver with room (workers / drivers each) whose trajectories are closest in size to ``run``:
+        similar sizes share a driver, so its passes need little padding (with the by-size queue this deals
+        out contiguous blocks of sizes, as bench/campaign_throughput.py does)."""
+        capacity = -(-self.config.run.workers // len(drivers))
+
+        def key(driver):
+            sizes = [a.run.n_atoms for a in active.values() if a.driver is driver]
+            if len(sizes) >= capacity:
+                return (1, 0.0, 0)
+            distance = abs(float(np.mean(sizes)) - run.n_atoms) if sizes else 0.0
+            return (0, distance, -len(sizes))
+        return min(drivers, key=key)
 
     def _record_drivers(self, drivers: list[DriverProcess]) -> None:
         _write_json(self.config.output / "drivers.json",

@@ -59,13 +59,14 @@ def settings(quick: bool, workdir: Path) -> dict:
     return common
 
 
-def plot(path: Path, labels, mae, rmse, title: str) -> None:
+def plot(path: Path, labels, mae, rmse, title: str, control=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, axes = plt.subplots(1, 2 if control else 1, figsize=(11 if control else 5.5, 4), squeeze=False)
+    ax = axes[0][0]
     ax.plot(labels, mae, "o-", label="MAE")
     ax.plot(labels, rmse, "s--", label="RMSE")
     for k, (x, y) in enumerate(zip(labels, mae)):
@@ -75,6 +76,15 @@ def plot(path: Path, labels, mae, rmse, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
+    if control:
+        ax = axes[0][1]
+        ax.plot(range(len(mae)), mae, "o-", label="active learning (new labels + retraining)")
+        ax.plot(range(len(control)), control, "s--", label="control: retraining on the initial labels only")
+        ax.set_xlabel("iteration (retraining round)")
+        ax.set_ylabel("harmonic frequency MAE (cm$^{-1}$)")
+        ax.set_title("same warm-start chain, with and without new labels", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -135,7 +145,8 @@ def main(argv=None) -> int:
         print(f"control (initial labels only, same warm-start chain): MAE " + " -> ".join(f"{m:.2f}" for m in control)
               + f" cm^-1; active learning / control at the last round: {mae[-1] / control[-1]:.3f}")
     png = workdir / "label_efficiency.png"
-    plot(png, labels, mae, rmse, f"AL vs xTB on {', '.join(CLUSTERS)} ({'quick' if args.quick else 'full'})")
+    plot(png, labels, mae, rmse, f"AL vs xTB on {', '.join(CLUSTERS)} ({'quick' if args.quick else 'full'})",
+         control=control)
     print(f"figure: {png}; learning curve: {workdir / 'learning_curve.png'}; report: {workdir / 'report.csv'}")
 
     if args.json:

@@ -90,6 +90,7 @@ def test_patch_xml_and_cutting_back_outputs(tmp_path):
                        temperature=300, seed=1, steps=100, prefix="md")
     text = patch_xml(xml.read_text(), checkpoint_steps=50, timestep_fs=0.25)
     assert "<checkpoint stride='50'" in text and "flush='1'" in text and "> 0.25 </timestep>" in text
+    assert "<latency> 0.001 </latency>" in text
     with pytest.raises(RuntimeError, match="template changed"):
         patch_xml("<simulation/>", 50, 0.5)
     dip = tmp_path / "md.dipole_0"

@@ -38,4 +38,7 @@ def run(args) -> int:
     except KeyboardInterrupt:
         print("nanosil ir-campaign: interrupted; run the same command to resume", file=sys.stderr)
         return 130
+    except RuntimeError as exc:  # lost drivers, a changed i-PI template: stop with the reason, resumable
+        print(f"nanosil ir-campaign: error: {exc}; run the same command to resume", file=sys.stderr)
+        return 1
     return 1 if summary["counts"]["failed"] else 0
