@@ -189,11 +189,11 @@ class Committee:
                     # One copy of the positions per member: one backward pass gives every member's forces.
                     rep = pos.detach()[None].repeat(k, 1, 1).requires_grad_(True)
                     species = batch.species.expand(k, -1)
-                    e = self.energy_model(Batch(species, rep, species >= 0), per_member=True)[:, 0]
+                    e = self.energy_model(Batch(species, rep, species >= 0), per_member=True, fast=True)[:, 0]
                     (g,) = torch.autograd.grad(e.sum(), rep)
                     f_members = -g.double().numpy()
                 else:
-                    e = self.energy_model(batch)[:, 0]                                # (K,)
+                    e = self.energy_model(batch, fast=True)[:, 0]                     # (K,)
                 if f_members is not None:
                     pass
                 elif forces:
@@ -248,10 +248,11 @@ class Committee:
             b, n = batch.species.shape
             rep = batch.positions.detach()[None].repeat(k, 1, 1, 1).requires_grad_(True)   # (K, B, N, 3)
             species = batch.species.repeat(k, 1)
-            e = self.energy_model(Batch(species, rep.reshape(k * b, n, 3), species >= 0), per_member=True)
+            e = self.energy_model(Batch(species, rep.reshape(k * b, n, 3), species >= 0), per_member=True,
+                                  fast=True)
             (g,) = torch.autograd.grad(e.sum(), rep)
         else:
-            e = self.energy_model(batch)                                              # (K, B)
+            e = self.energy_model(batch, fast=True)                                   # (K, B)
             (g,) = torch.autograd.grad(e.sum(), pos)
             g = g[None] / k
         e = e.detach().double().numpy()

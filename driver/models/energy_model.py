@@ -27,13 +27,14 @@ class EnergyModel(nn.Module):
         self.register_buffer("feature_std", torch.ones(n_members, 1, self.descriptor.n_features))
         self.atomic_scale = nn.Parameter(torch.ones(n_members, n_species))
 
-    def features(self, batch: Batch, per_member: bool = False) -> torch.Tensor:
-        return self.descriptor(batch, per_member)  # (K, B, N, F)
+    def features(self, batch: Batch, per_member: bool = False, fast: bool = False) -> torch.Tensor:
+        return self.descriptor(batch, per_member, fast)  # (K, B, N, F)
 
-    def atomic_energies(self, batch: Batch, per_member: bool = False) -> torch.Tensor:
+    def atomic_energies(self, batch: Batch, per_member: bool = False, fast: bool = False) -> torch.Tensor:
         """(K, B, N) atomic energies in eV (without the per-species shift), zero on padding.
-        ``per_member``: see :meth:`GaussianMomentDescriptor.forward` (then B structures per member)."""
-        g = self.features(batch, per_member)
+        ``per_member``, ``fast``: see :meth:`GaussianMomentDescriptor.forward` (B structures per member;
+        ``fast`` for inference forces only)."""
+        g = self.features(batch, per_member, fast)
         k, b, n, f = g.shape
         x = ((g.reshape(k, b * n, f) - self.feature_mean) / self.feature_std)
         for layer in self.layers[:-1]:
@@ -47,9 +48,9 @@ class EnergyModel(nn.Module):
         scale = self.atomic_scale[:, species]                                       # (K, B, N)
         return out * scale * batch.mask
 
-    def forward(self, batch: Batch, per_member: bool = False) -> torch.Tensor:
+    def forward(self, batch: Batch, per_member: bool = False, fast: bool = False) -> torch.Tensor:
         """(K, B) total energies in eV (without shifts)."""
-        return self.atomic_energies(batch, per_member).sum(-1)
+        return self.atomic_energies(batch, per_member, fast).sum(-1)
 
     @torch.no_grad()
     def fit_normalisation(self, batches: list[Batch]) -> None:

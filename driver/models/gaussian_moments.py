@@ -26,9 +26,18 @@ name                   contraction                                              
 360 features for 5 radial functions (:func:`n_features` gives the count for other sizes). The index
 restrictions drop exact duplicates that the symmetry of a contraction creates.
 
-Speed: the neighbour sums do not depend on the learnable coefficients, so ``M[i, z, s', m] =
-sum_{j of species z} exp(..)f_c u^m`` is computed once and shared by all committee members; each
-member only contracts M with its own coefficients.
+Speed (measured by ``bench/model_speed.py``; at these sizes the number of tensor operations, not the
+arithmetic, sets the cost):
+
+- the moments are symmetric, so the neighbour sums keep their 20 independent components
+  (:data:`MONOMIALS`) instead of 40 Cartesian ones;
+- the neighbour sums ``M[i, (z, s'), m] = sum_{j of species z} g_s'(d_ij) f_c(d_ij) A_m(u_ij)`` do not
+  depend on the learnable coefficients: they are computed once and shared by all committee members,
+  and at inference (:class:`_MomentSums`) with a hand-written backward that gives every member its own
+  forces without recomputing them;
+- the invariants are a few dense products with fixed contraction tables built from the table above
+  (:func:`invariants`); :func:`invariants_cartesian` is the readable one-einsum-per-contraction definition
+  they are tested against.
 """
 from __future__ import annotations
 
@@ -66,8 +75,10 @@ def n_features(n_radial: int) -> int:
     return n + 3 * pairs + n * (n + 1) * (n + 2) // 6 + 2 * pairs * n + n**3
 
 
-def invariants(psi: torch.Tensor, idx: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The feature table above from moments ``psi`` of shape (..., n_radial, 40) -> (..., n_features)."""
+def invariants_cartesian(psi: torch.Tensor, idx: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The feature table above from the full Cartesian moments ``psi`` (..., n_radial, 40), written as
+    one einsum per contraction: the readable definition, kept as the reference :func:`invariants` is
+    tested against."""
     lead = psi.shape[:-2]
     n = psi.shape[-2]
     p0 = psi[..., 0]
@@ -76,26 +87,217 @@ def invariants(psi: torch.Tensor, idx: dict[str, torch.Tensor]) -> torch.Tensor:
     p3 = psi[..., 13:40].reshape(*lead, n, 3, 3, 3)
     flat2 = lambda x: x.reshape(*lead, n * n)
     flat3 = lambda x: x.reshape(*lead, n * n * n)
-    f11 = flat2(torch.einsum("...sa,...ta->...st", p1, p1))[..., idx["11"]]
-    f22 = flat2(torch.einsum("...sab,...tab->...st", p2, p2))[..., idx["22"]]
-    f33 = flat2(torch.einsum("...sabc,...tabc->...st", p3, p3))[..., idx["33"]]
+    # index_select, not advanced indexing: several times faster here, forward and backward
+    f11 = flat2(torch.einsum("...sa,...ta->...st", p1, p1)).index_select(-1, idx["11"])
+    f22 = flat2(torch.einsum("...sab,...tab->...st", p2, p2)).index_select(-1, idx["22"])
+    f33 = flat2(torch.einsum("...sabc,...tabc->...st", p3, p3)).index_select(-1, idx["33"])
     a22 = torch.einsum("...sab,...tbc->...stac", p2, p2)
-    f222 = flat3(torch.einsum("...stac,...uca->...stu", a22, p2))[..., idx["222"]]
+    f222 = flat3(torch.einsum("...stac,...uca->...stu", a22, p2)).index_select(-1, idx["222"])
     w12 = torch.einsum("...sa,...uab->...sub", p1, p2)
-    f112 = flat3(torch.einsum("...sub,...tb->...stu", w12, p1))[..., idx["112"]]
+    f112 = flat3(torch.einsum("...sub,...tb->...stu", w12, p1)).index_select(-1, idx["112"])
     t33 = torch.einsum("...tacd,...ubcd->...tuab", p3, p3)
-    f233 = flat3(torch.einsum("...sab,...tuab->...stu", p2, t33))[..., idx["233"]]
+    f233 = flat3(torch.einsum("...sab,...tuab->...stu", p2, t33)).index_select(-1, idx["233"])
     w23 = torch.einsum("...tbc,...uabc->...tua", p2, p3)
     f123 = flat3(torch.einsum("...sa,...tua->...stu", p1, w23))
     return torch.cat([p0, f11, f22, f33, f222, f112, f233, f123], dim=-1)
 
 
+# The moments are symmetric tensors, so the neighbour sums need only their 20 independent components
+# (1 + 3 + 6 + 10 monomials u_a u_b u_c, a <= b <= c) instead of the 40 Cartesian ones; the invariants
+# are written on the full tensors, rebuilt from the 20 by an index (``SYMMETRIC_TO_FULL``).
+# Each monomial is e[a] e[b] e[c] with e = (1, u_x, u_y, u_z): index 0 stands for a missing factor.
+MONOMIALS = ([(0, 0, 0)] + [(0, 0, a) for a in (1, 2, 3)]
+             + [(0, a, b) for a in (1, 2, 3) for b in (1, 2, 3) if a <= b]
+             + [(a, b, c) for a in (1, 2, 3) for b in (1, 2, 3) for c in (1, 2, 3) if a <= b <= c])
+N_MOMENTS = len(MONOMIALS)  # 20
+
+
+def _symmetric_to_full() -> torch.Tensor:
+    lookup = {m: k for k, m in enumerate(MONOMIALS)}
+    full = [(0, 0, 0)]
+    full += [(0, 0, a) for a in (1, 2, 3)]
+    full += [tuple(sorted((0, a, b))) for a in (1, 2, 3) for b in (1, 2, 3)]
+    full += [tuple(sorted((a, b, c))) for a in (1, 2, 3) for b in (1, 2, 3) for c in (1, 2, 3)]
+    return torch.tensor([lookup[m] for m in full])
+
+
+SYMMETRIC_TO_FULL = _symmetric_to_full()  # (40,): full Cartesian component -> symmetric component
+
+
 def angular_moments(unit: torch.Tensor) -> torch.Tensor:
-    """[1, u, u(x)u, u(x)u(x)u] flattened: (..., 3) -> (..., 40)."""
-    one = torch.ones_like(unit[..., :1])
-    uu = unit[..., :, None] * unit[..., None, :]
-    uuu = uu[..., :, :, None] * unit[..., None, None, :]
-    return torch.cat([one, unit, uu.flatten(-2), uuu.flatten(-3)], dim=-1)
+    """The 20 independent components of [1, u, u(x)u, u(x)u(x)u] in the order of ``MONOMIALS``:
+    (..., 3) -> (..., 20). Built from slices (no gathers: they dominate the cost at this size)."""
+    x, y, z = unit[..., 0:1], unit[..., 1:2], unit[..., 2:3]
+    quad = torch.cat([x * unit, y * unit[..., 1:], z * unit[..., 2:]], dim=-1)          # xx xy xz yy yz zz
+    cubic = torch.cat([x * quad, y * quad[..., 3:], z * quad[..., 5:]], dim=-1)         # xxx ... zzz
+    return torch.cat([torch.ones_like(x), unit, quad, cubic], dim=-1)
+
+
+def _angular_jacobian_table() -> torch.Tensor:
+    """T[m, x, m'] with d A_m / d u_x = sum_m' T[m, x, m'] A_m'(u) (m' over the 10 monomials of order <= 2):
+    each factor u_x of A_m contributes the monomial of the other two factors."""
+    lookup = {m: k for k, m in enumerate(MONOMIALS)}
+    table = torch.zeros(N_MOMENTS, 3, 10, dtype=torch.float64)
+    for k, mono in enumerate(MONOMIALS):
+        for pos, factor in enumerate(mono):
+            if factor:
+                rest = tuple(sorted((0,) + mono[:pos] + mono[pos + 1:]))
+                table[k, factor - 1, lookup[rest]] += 1.0
+    return table
+
+
+ANGULAR_JACOBIAN = _angular_jacobian_table()
+
+
+def _full_index(*cartesian: int) -> int:
+    """Position of a Cartesian component (indices 0-2) in the 40-component layout [1, u, uu, uuu]."""
+    if len(cartesian) == 1:
+        return 1 + cartesian[0]
+    if len(cartesian) == 2:
+        return 4 + 3 * cartesian[0] + cartesian[1]
+    return 13 + 9 * cartesian[0] + 3 * cartesian[1] + cartesian[2]
+
+
+def _contraction_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """The contractions of the feature table as fixed tensors on the 20 symmetric components:
+    pair blocks P[blk, m, m'] (11, 22, 33) with f_st = psi_s P psi_t, and triple blocks T[blk, m, m', m'']
+    (222, 112, 233, 123) with f_stu = sum T psi_s,m psi_t,m' psi_u,m''. Built by enumerating the
+    Cartesian indices of each contraction exactly as the table (and :func:`invariants_cartesian`) states."""
+    full_to_sym = SYMMETRIC_TO_FULL.tolist()
+    r = range(3)
+    pair = torch.zeros(3, N_MOMENTS, N_MOMENTS, dtype=torch.float64)
+    triple = torch.zeros(4, N_MOMENTS, N_MOMENTS, N_MOMENTS, dtype=torch.float64)
+
+    def add(table, blk, *full):
+        table[(blk, *(full_to_sym[f] for f in full))] += 1.0
+
+    for a in r:
+        add(pair, 0, _full_index(a), _full_index(a))                                         # 11
+        for b in r:
+            add(pair, 1, _full_index(a, b), _full_index(a, b))                               # 22
+            add(triple, 1, _full_index(a), _full_index(b), _full_index(a, b))               # 112
+            for c in r:
+                add(pair, 2, _full_index(a, b, c), _full_index(a, b, c))                     # 33
+                add(triple, 0, _full_index(a, b), _full_index(b, c), _full_index(c, a))      # 222
+                add(triple, 3, _full_index(a), _full_index(b, c), _full_index(a, b, c))     # 123
+                for d in r:
+                    add(triple, 2, _full_index(a, b), _full_index(a, c, d), _full_index(b, c, d))  # 233
+    return pair, triple
+
+
+# Triple blocks grouped by the orders of their three moments, so each dense product stays small:
+# (blocks, components of psi_s, of psi_t, of psi_u) in the 20-component layout (0 | 1-3 | 4-9 | 10-19).
+TRIPLE_GROUPS = (((0, 1), slice(1, 10), slice(1, 10), slice(4, 10)),     # 222, 112: psi_u of order 2
+                 ((2, 3), slice(1, 10), slice(4, 20), slice(10, 20)))   # 233, 123: psi_u of order 3
+
+
+def _feature_index(n: int) -> torch.Tensor:
+    """Where each feature of the table sits in [psi0 (n) | pair (s, blk, t) | triple groups (u, s, blk, t)]."""
+    pair_at = lambda blk, s, t: n + (s * 3 + blk) * n + t
+    starts, offset = {}, n + 3 * n * n
+    for blocks, *_ in TRIPLE_GROUPS:
+        for k, blk in enumerate(blocks):
+            starts[blk] = (offset, k, len(blocks))
+        offset += n * n * n * len(blocks)
+
+    def triple_at(blk, s, t, u):
+        start, k, width = starts[blk]
+        return start + ((u * n + s) * width + k) * n + t
+
+    r = range(n)
+    index = list(range(n))
+    for blk in range(3):
+        index += [pair_at(blk, s, t) for s in r for t in r if s <= t]
+    for blk, keep in enumerate((lambda s, t, u: s <= t <= u, lambda s, t, u: s <= t,
+                                lambda s, t, u: t <= u, lambda s, t, u: True)):
+        index += [triple_at(blk, s, t, u) for s, t, u in itertools.product(r, r, r) if keep(s, t, u)]
+    return torch.tensor(index)
+
+
+PAIR_TABLE, TRIPLE_TABLE = _contraction_tables()
+
+
+def _triple_group_tables() -> list[torch.Tensor]:
+    """Per group, T[blk, m, m', m''] restricted to its components and laid out (m'', m blk m')."""
+    out = []
+    for blocks, s_part, t_part, u_part in TRIPLE_GROUPS:
+        t = TRIPLE_TABLE[list(blocks)][:, s_part, t_part, u_part]                 # (blk, m, m', m'')
+        out.append(t.permute(3, 1, 0, 2).reshape(t.shape[3], -1))
+    return out
+
+
+def invariants(psi: torch.Tensor, index: torch.Tensor, pair_table: torch.Tensor,
+               triple_tables: list[torch.Tensor]) -> torch.Tensor:
+    """The feature table from the symmetric moments ``psi`` (M, n_radial, 20) -> (M, n_features), as a few
+    dense products with fixed tables: ``pair_table`` (20, 3*20) = P[blk, m, m'] laid out (m, blk m') and,
+    per group of :data:`TRIPLE_GROUPS`, T[blk, m, m', m''] laid out (m'', m blk m'). Fewer, larger
+    operations than one einsum per contraction: at these sizes the count of operations sets the cost."""
+    m, n, c = psi.shape
+    pair = torch.matmul(torch.matmul(psi, pair_table).reshape(m, n * 3, c), psi.transpose(1, 2))
+    parts = [psi[..., 0], pair.reshape(m, -1)]
+    for (blocks, s_part, t_part, u_part), table in zip(TRIPLE_GROUPS, triple_tables):
+        ps, pt, pu = psi[..., s_part], psi[..., t_part], psi[..., u_part]
+        cs, nb = ps.shape[-1], len(blocks)
+        v = torch.matmul(pu, table)                                                # (M, u, m blk m')
+        x = torch.matmul(v.reshape(m, n * cs * nb, -1), pt.transpose(1, 2))       # (M, u m blk, t)
+        triple = torch.matmul(ps[:, None], x.reshape(m, n, cs, nb * n))          # (M, u, s, blk t)
+        parts.append(triple.reshape(m, -1))
+    return torch.cat(parts, dim=-1).index_select(-1, index)
+
+
+class _MomentSums(torch.autograd.Function):
+    """M[r, b, i, (z, s'), m] = sum_{j of species z} g_s'(d_ij) f_c(d_ij) A_m(u_ij) with a hand-written
+    backward, for inference (forces without ``create_graph``).
+
+    ``positions`` is (R, B, N, 3): R identical replicas (R = K committee members when every member needs
+    its own forces, else 1). The sums are computed once, from replica 0, and returned R times; the backward
+    takes R different cotangents (one per member) and returns R position gradients, i.e. every member's
+    forces, for about the cost of R backward passes through the pair terms alone. Autograd through
+    :meth:`GaussianMomentDescriptor.shared_moments` gives the same numbers (tested) and is what training
+    and Hessians use: this backward is not differentiable again."""
+
+    @staticmethod
+    def forward(ctx, positions, species, mask, n_species, centres, beta, cutoff):
+        r = positions[0]                                                           # (B, N, 3)
+        b, n, _ = r.shape
+        rij = r[:, None, :, :] - r[:, :, None, :]
+        eye = torch.eye(n, dtype=torch.bool, device=r.device)
+        real = mask[:, :, None] & mask[:, None, :] & ~eye
+        d = torch.sqrt(torch.where(real, (rij * rij).sum(-1), torch.ones_like(rij[..., 0])))
+        within = (real & (d < cutoff)).to(r.dtype)
+        unit = rij / d[..., None] * real[..., None]
+        arg = d * (math.pi / cutoff)
+        fc = 0.5 * (torch.cos(arg) + 1.0) * within
+        dfc = -0.5 * (math.pi / cutoff) * torch.sin(arg) * within
+        diff = d[..., None] - centres
+        g = torch.exp(-beta * diff * diff)                                         # (B, N, N, n_basis)
+        radial = g * fc[..., None]
+        dradial = g * (dfc[..., None] - 2.0 * beta * diff * fc[..., None])        # d radial / d d_ij
+        onehot = nn.functional.one_hot(species.clamp(min=0), n_species).to(r.dtype) * mask[..., None]
+        by_species = (onehot[:, None, :, :, None] * radial[:, :, :, None, :]).reshape(b, n, n, -1)
+        ang = angular_moments(unit)                                                # (B, N, N, 20)
+        m = torch.matmul(by_species.transpose(-1, -2), ang)                       # (B, N, Q, 20)
+        ctx.save_for_backward(by_species, ang, dradial, unit, d, species)
+        ctx.n_species = n_species
+        return m.expand(positions.shape[0], *m.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        by_species, ang, dradial, unit, d, species = ctx.saved_tensors
+        b, n = species.shape
+        s, nb = ctx.n_species, dradial.shape[-1]
+        d_by_species = torch.matmul(ang[None], grad.transpose(-1, -2))            # (R, B, N, N, Q)
+        d_ang = torch.matmul(by_species[None], grad)                              # (R, B, N, N, 20)
+        index = species.clamp(min=0)[None, :, None, :, None, None].expand(*d_by_species.shape[:4], 1, nb)
+        d_radial = torch.gather(d_by_species.reshape(*d_by_species.shape[:4], s, nb), 4, index)[..., 0, :]
+        d_dist = (d_radial * dradial).sum(-1)                                      # (R, B, N, N)
+        # dL/du_x = sum_m dL/dA_m dA_m/du_x, with dA_m/du_x linear in the monomials of order <= 2
+        table = ANGULAR_JACOBIAN.to(grad.dtype).reshape(N_MOMENTS, 30)
+        d_unit = (torch.matmul(d_ang, table).unflatten(-1, (3, 10)) * ang[None, ..., None, :10]).sum(-1)
+        radial_part = (d_unit * unit).sum(-1, keepdim=True)
+        g_rij = d_dist[..., None] * unit + (d_unit - radial_part * unit) / d[..., None]  # dL/d(r_j - r_i)
+        g_pos = g_rij.sum(-3) - g_rij.sum(-2)                                      # (R, B, N, 3)
+        return g_pos, None, None, None, None, None, None
 
 
 class GaussianMomentDescriptor(nn.Module):
@@ -110,6 +312,12 @@ class GaussianMomentDescriptor(nn.Module):
         self.coefficients = nn.Parameter(torch.randn(n_members, n_species, n_species, n_basis, n_radial))
         for name, index in _block_indices(n_radial).items():
             self.register_buffer(f"idx_{name}", index, persistent=False)
+        self.register_buffer("feature_index", _feature_index(n_radial), persistent=False)
+        c = N_MOMENTS
+        self.register_buffer("pair_table", PAIR_TABLE.permute(1, 0, 2).reshape(c, 3 * c).float().clone(),
+                             persistent=False)
+        for k, table in enumerate(_triple_group_tables()):
+            self.register_buffer(f"triple_table_{k}", table.float().clone(), persistent=False)
         self.n_features = n_features(n_radial)
 
     @property
@@ -117,7 +325,8 @@ class GaussianMomentDescriptor(nn.Module):
         return {name: getattr(self, f"idx_{name}") for name in ("11", "22", "33", "222", "112", "233")}
 
     def shared_moments(self, batch: Batch, pairs: Pairs | None = None) -> torch.Tensor:
-        """M[b, i, (z, s'), m]: neighbour sums split by neighbour species, independent of the members."""
+        """M[b, i, (z, s'), m]: neighbour sums split by neighbour species, independent of the members
+        (m: the 20 symmetric moment components). Plain autograd: differentiable to any order."""
         pairs = pair_geometry(batch, self.cutoff) if pairs is None else pairs
         radial = self.basis(pairs.distances) * pairs.cutoff[..., None]            # (B, N, N, n_basis)
         onehot = nn.functional.one_hot(batch.species.clamp(min=0), self.n_species).to(radial.dtype)
@@ -125,14 +334,23 @@ class GaussianMomentDescriptor(nn.Module):
         by_species = radial[:, :, :, None, :] * onehot[:, None, :, :, None]        # (B, N, N, S, n_basis)
         b, n = batch.species.shape
         by_species = by_species.reshape(b, n, n, self.n_species * self.n_basis)
-        ang = angular_moments(pairs.unit)                                          # (B, N, N, 40)
-        return torch.einsum("bijq,bijm->biqm", by_species, ang)                    # (B, N, S*n_basis, 40)
+        ang = angular_moments(pairs.unit)                                          # (B, N, N, 20)
+        return torch.matmul(by_species.transpose(-1, -2), ang)                    # (B, N, S*n_basis, 20)
 
-    def forward(self, batch: Batch, per_member: bool = False) -> torch.Tensor:
+    def _fast_moments(self, batch: Batch, replicas: int) -> torch.Tensor:
+        b = batch.species.shape[0] // replicas
+        positions = batch.positions.reshape(replicas, b, *batch.positions.shape[1:])
+        return _MomentSums.apply(positions, batch.species[:b], batch.mask[:b], self.n_species,
+                                 self.basis.centres.to(positions.dtype), self.basis.beta, self.cutoff)
+
+    def forward(self, batch: Batch, per_member: bool = False, fast: bool = False) -> torch.Tensor:
         """(K, B, N, n_features). With ``per_member=True`` the batch holds K x B structures, member-major
-        (member k sees only structures k*B .. k*B+B-1): backpropagating the sum of all member energies then
-        gives every member's own forces in a single backward pass. The result is then (K, B, N, n_features)."""
-        m = self.shared_moments(batch)
+        (member k sees only structures k*B .. k*B+B-1, copies of the same B structures): backpropagating
+        the sum of all member energies then gives every member's own forces in a single backward pass.
+
+        ``fast=True`` computes the neighbour sums once, even for K copies, with a hand-written backward
+        (:class:`_MomentSums`): for energies and forces at inference, not for training or Hessians
+        (no second derivatives)."""
         k = self.coefficients.shape[0]
         # Coefficients of the centre atom's species: (K, B, N, S*n_basis, n_radial).
         c = self.coefficients.reshape(k, self.n_species, self.n_species * self.n_basis, self.n_radial)
@@ -140,11 +358,21 @@ class GaussianMomentDescriptor(nn.Module):
             n = batch.species.shape[1]
             species = batch.species.clamp(min=0).reshape(k, -1, n)                 # (K, B, N)
             c_i = c[torch.arange(k)[:, None, None], species] / math.sqrt(self.n_basis)
-            psi = torch.einsum("kbiqs,kbiqm->kbism", c_i, m.reshape(k, -1, *m.shape[1:]))  # (K, B, N, n_radial, 40)
+            if fast:
+                m = self._fast_moments(batch, k)                                   # (K, B, N, Q, 20)
+            else:
+                m = self.shared_moments(batch)
+                m = m.reshape(k, -1, *m.shape[1:])
+            psi = torch.einsum("kbiqs,kbiqm->kbism", c_i, m)                       # (K, B, N, n_radial, 20)
         else:
+            m = self._fast_moments(batch, 1)[0] if fast else self.shared_moments(batch)
             c_i = c[:, batch.species.clamp(min=0)] / math.sqrt(self.n_basis)
-            psi = torch.einsum("kbiqs,biqm->kbism", c_i, m)                       # (K, B, N, n_radial, 40)
-        return invariants(psi, self.index)
+            psi = torch.einsum("kbiqs,biqm->kbism", c_i, m)                       # (K, B, N, n_radial, 20)
+        lead = psi.shape[:-2]
+        tables = [getattr(self, f"triple_table_{k}").to(psi.dtype) for k in range(len(TRIPLE_GROUPS))]
+        feats = invariants(psi.reshape(-1, *psi.shape[-2:]), self.feature_index, self.pair_table.to(psi.dtype),
+                           tables)
+        return feats.reshape(*lead, -1)
 
 
 @torch.no_grad()
