@@ -36,16 +36,22 @@ class DipoleModel(nn.Module):
         pairs = pair_geometry(batch, self.cutoff)
         j = self.embedding.shape[0]
         b, n = batch.species.shape
-        rbf = (self.rbf(pairs.distances) * pairs.cutoff[..., None]).reshape(1, b * n * n, -1).expand(j, -1, -1)
+        # Filters depend on d_ij only, so they are computed once per unordered pair within the cutoff and
+        # the message goes both ways: half the pairs of a dense (N, N) layout and none of the distant ones.
+        upper = torch.triu_indices(n, n, offset=1, device=batch.positions.device)
+        sel_b, sel_p = pairs.within[:, upper[0], upper[1]].nonzero(as_tuple=True)
+        first, second = upper[0][sel_p], upper[1][sel_p]
+        env = pairs.cutoff[sel_b, first, second]                                   # (P,)
+        rbf = (self.rbf(pairs.distances[sel_b, first, second]) * env[:, None])[None].expand(j, -1, -1)
+        atom_i, atom_j = sel_b * n + first, sel_b * n + second                     # flat atom indices
         x = self.embedding[:, batch.species.clamp(min=0)] * batch.mask[..., None]  # (J, B, N, F)
-        env = pairs.cutoff.reshape(1, b * n * n, 1)
+        x = x.reshape(j, b * n, -1)
         for f1, f2, i2f, f2o, dense in zip(self.filter1, self.filter2, self.in2f, self.f2out, self.dense):
-            w = f2(shifted_softplus(f1(rbf))) * env                                 # (J, B*N*N, F)
-            w = w.reshape(j, b, n, n, -1)
-            y = i2f(x.reshape(j, b * n, -1)).reshape(j, b, 1, n, -1)
-            v = (w * y).sum(3)                                                      # cfconv: sum over j
-            v = dense(shifted_softplus(f2o(v.reshape(j, b * n, -1)))).reshape(j, b, n, -1)
-            x = x + v
+            w = f2(shifted_softplus(f1(rbf))) * env[None, :, None]                 # (J, P, F)
+            y = i2f(x)                                                              # (J, B*N, F)
+            v = torch.zeros_like(y).index_add(1, atom_i, w * y[:, atom_j]).index_add(1, atom_j, w * y[:, atom_i])
+            x = x + dense(shifted_softplus(f2o(v)))                                 # cfconv, both directions
+        x = x.reshape(j, b, n, -1)
         q = self.out2(shifted_softplus(self.out1(x.reshape(j, b * n, -1)))).reshape(j, b, n) * batch.mask
         n_atoms = batch.mask.sum(-1).to(q.dtype)                                    # (B,)
         correction = (total_charge - q.sum(-1)) / n_atoms                           # (J, B)
