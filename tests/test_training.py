@@ -162,3 +162,37 @@ def test_killed_trainer_leaves_no_worker_behind(tmp_path, p2_dft_frames):
         time.sleep(0.5)
         alive = [p for p in alive if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
     assert not alive, f"training workers {alive} outlived their parent"
+
+
+def test_sigterm_on_nanosil_train_ends_workers_and_removes_temporary_files(tmp_path, p2_dft_frames):
+    """SIGTERM (what a batch system sends) on `nanosil train`: it exits with 128+15, its member processes
+    end and no temporary folder is left behind."""
+    import os
+    import signal
+    import time
+
+    from ase.io import write
+
+    frames = read(shared_file("pbe0_P2_normal_modes", "farthest_selected_opt_pbe0.traj"), ":10")
+    db = tmp_path / "p2.xyz"
+    write(db, frames, format="extxyz")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = dict(os.environ, TMPDIR=str(scratch))
+    proc = subprocess.Popen([sys.executable, "-m", "al_manager.cli", "train", "--db", str(db), "--out",
+                             str(tmp_path / "m"), "--committee", "2", "--epochs", "100000", "--patience", "100000", "--hidden", "8"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, workers = time.time() + 120, []
+    while time.time() < deadline and not workers:
+        time.sleep(0.5)
+        out = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "driver.training"], capture_output=True, text=True)
+        workers = [int(p) for p in out.stdout.split()]
+    assert workers, "no training worker started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    deadline, alive = time.time() + 30, workers
+    while alive and time.time() < deadline:
+        time.sleep(0.3)
+        alive = [p for p in alive if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
+    assert not alive, f"training workers {alive} outlived nanosil train"
+    assert list(scratch.iterdir()) == [], "temporary training files left behind"

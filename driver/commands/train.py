@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 
 
@@ -30,7 +31,14 @@ def run(args) -> int:
     cfg = TrainConfig(committee=args.committee, dipole_members=args.dipole_members if args.dipole else 0,
                       epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
                       warm_start=args.warm_start, workers=args.workers, max_minutes=args.max_minutes, model=model)
-    committee = train_committee(args.db, args.out, cfg)
+    def stop(signum, frame):  # SIGTERM unwinds like Ctrl-C: workers end, temporary files go
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        committee = train_committee(args.db, args.out, cfg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     from driver.commands.evaluate import print_table
 
     print_table({"train": committee.metadata["errors"]["train"],
