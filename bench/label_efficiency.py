@@ -55,7 +55,7 @@ def settings(quick: bool, workdir: Path) -> dict:
         common.update(temperatures=[100.0, 400.0, 800.0, 1200.0],
                       sampling={"max_md_ps": 5.0, "parallel_runs": 2, "mpi_ranks": 1},
                       stopping={"patience": 3, "max_iterations": 12},
-                      train={"epochs": 400, "patience": 80})
+                      train={"epochs": 400, "patience": 200})
     return common
 
 

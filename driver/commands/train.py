@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dipole", action="store_true", help="also train the charge-based dipole model")
     p.add_argument("--dipole-members", type=int, default=1, help="dipole members with --dipole (default 1)")
     p.add_argument("--epochs", type=int, default=400)
-    p.add_argument("--patience", type=int, default=80, help="early stopping patience in epochs")
+    p.add_argument("--patience", type=int, default=200, help="early stopping patience in epochs (default 200)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--hidden", type=int, nargs="+", default=None, help="atomic network widths (default 512 512)")
