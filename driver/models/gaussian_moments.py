@@ -258,6 +258,8 @@ class _MomentSums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, positions, species, mask, n_species, centres, beta, cutoff):
+        if positions.shape[0] > 1 and not torch.equal(positions[0], positions[-1]):
+            raise ValueError("_MomentSums: the replicas of the positions differ (they must be copies)")
         r = positions[0]                                                           # (B, N, 3)
         b, n, _ = r.shape
         rij = r[:, None, :, :] - r[:, :, None, :]
@@ -284,7 +286,6 @@ class _MomentSums(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         by_species, ang, dradial, unit, d, species = ctx.saved_tensors
-        b, n = species.shape
         s, nb = ctx.n_species, dradial.shape[-1]
         d_by_species = torch.matmul(ang[None], grad.transpose(-1, -2))            # (R, B, N, N, Q)
         d_ang = torch.matmul(by_species[None], grad)                              # (R, B, N, N, 20)
