@@ -115,18 +115,9 @@ class TrustRegion:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    import tempfile
+    from spectra.spectrum import atomic_write_text
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(data))
 
 
 def fragments(positions: np.ndarray, distance: float) -> list[int]:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from ase import Atoms, units
 from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
+
+from spectra.spectrum import atomic_write_text as _write_atomic
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
 TEMPLATES = ("al_sampling", "production_nvt", "production_nve")
@@ -182,16 +183,6 @@ def _ipi_xyz(symbols, values: np.ndarray, box: float, quantity: str, unit: str) 
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def render_input(template: str, workdir: str | os.PathLike, *, socket: "str | SocketAddress", steps: int,

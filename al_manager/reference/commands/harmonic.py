@@ -14,10 +14,11 @@ cached in ``DIR/ir_cache`` so an interrupted run resumes); orca runs its analyti
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from spectra.spectrum import atomic_write_text as _atomic_write
 
 from ._common import add_backend_arguments, backend_options, read_structures
 
@@ -33,11 +34,6 @@ def add_arguments(parser) -> None:
     add_backend_arguments(parser)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def broadened(frequencies, intensities, fwhm: float):
