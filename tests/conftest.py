@@ -20,6 +20,11 @@ def shared_file(*parts: str) -> Path:
     return path
 
 
+def cluster(name: str) -> Path:
+    """A reference structure of ../shared/data/structures (absolute path), or a skip."""
+    return shared_file("structures", name).resolve()
+
+
 @pytest.fixture(scope="session")
 def p2_dft_frames():
     from driver.data import read_frames

@@ -19,20 +19,13 @@ from ase.io import read
 from driver.batch_server import fragments, partition_by_size
 from driver.models.committee import ModelConfig, build_committee, load_committee, save_committee
 from ipi_inputs import render_input
+from conftest import cluster
 
 ROOT = Path(__file__).resolve().parents[1]
-STRUCTURES = ROOT / ".." / "shared" / "data" / "structures"
 BIN = Path(sys.executable).parent
 SMALL = dict(hidden=(16, 16), dipole_features=16, dipole_interactions=1, dipole_gaussians=8)
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-
-
-def cluster(name: str) -> Path:
-    path = STRUCTURES / name
-    if not path.is_file():
-        pytest.skip(f"reference structure {path} not available")
-    return path.resolve()
 
 
 @pytest.fixture(scope="module")

@@ -17,19 +17,12 @@ import pytest
 
 from al_manager.campaign import composition_of, config_from_dict, load_config
 from al_manager.production import _cut_dipoles, _cut_rows, dipole_labels, patch_xml, start_time
+from conftest import cluster as structure
 
 ROOT = Path(__file__).resolve().parents[1]
-STRUCTURES = ROOT / ".." / "shared" / "data" / "structures"
 BIN = Path(sys.executable).parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-
-
-def structure(name: str) -> Path:
-    path = STRUCTURES / name
-    if not path.is_file():
-        pytest.skip(f"reference structure {path} not available")
-    return path.resolve()
 
 
 # ---------------------------------------------------------------------- configuration

@@ -11,17 +11,10 @@ import pytest
 from ase.io import read
 
 from driver.models.committee import ModelConfig, build_committee, save_committee
+from conftest import cluster
 
-STRUCTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "structures"
 BIN = Path(sys.executable).parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-
-
-def cluster(name: str) -> Path:
-    path = STRUCTURES / name
-    if not path.is_file():
-        pytest.skip(f"reference structure {path} not available")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,10 @@ from driver.models.committee import ModelConfig, build_committee, load_committee
 from driver.mpi_committee import split_members
 from driver.pes import AtomCountMismatch, NanosilDriver
 
-STRUCTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "structures"
+from conftest import cluster
+
 BIN = Path(sys.executable).parent
 SMALL = dict(hidden=(16, 16), dipole_features=16, dipole_interactions=1, dipole_gaussians=8)
-
-
-def cluster(name: str) -> Path:
-    path = STRUCTURES / name
-    if not path.is_file():
-        pytest.skip(f"reference structure {path} not available")
-    return path
 
 
 @pytest.fixture(scope="module")

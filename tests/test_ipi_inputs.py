@@ -18,18 +18,10 @@ from ase.io import read, write
 from driver.ipi_client import IPIClient, connect
 from ipi_inputs import SocketAddress, read_cluster, render_input, thermostat_temperature
 from ipi_inputs.render import AL_MAX_STEPS, _ipi_masses
+from conftest import cluster
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-STRUCTURES = DATA / "structures"
 BIN = Path(sys.executable).parent
 AU_VELOCITY = units.Bohr / (units._aut * units.second)  # i-PI velocity unit in ASE units
-
-
-def cluster(name: str) -> Path:
-    path = STRUCTURES / name
-    if not path.is_file():
-        pytest.skip(f"reference structure {path} not available")
-    return path
 
 
 def ipi_frame(path: Path) -> tuple[list[str], np.ndarray, str]:
