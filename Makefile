@@ -11,7 +11,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements-setup.txt
+$(STAMP): pyproject.toml setup.py requirements-setup.txt driver/models/_gm_kernels.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-setup.txt

@@ -4,7 +4,10 @@ of 3 evaluated in one batched pass vs 3 separate members; the dipole model; trai
     python bench/model_speed.py [--repeat 30] [--json FILE]
 
 JSON keys: ef_ms_single_P10, ef_ms_committee3_P10, committee3_over_single_P10, dipole_ms_P10,
-train_structures_per_s (plus the same figures for the other clusters).
+train_structures_per_s (plus the same figures for the other clusters); ef_ms_single_torch_* and
+ef_ms_committee3_torch_* time the same calls with the PyTorch descriptor instead of the compiled kernels
+(the baseline, same process); mlp_gemm_ms_* time the atomic network's GEMMs alone, the floor under
+everything else.
 """
 from __future__ import annotations
 
@@ -49,6 +52,8 @@ def main() -> int:
     separate = [committee.subset([k], []) for k in range(3)]
     energy3 = committee.subset(None, [])
     dipole = committee.subset([], [0])
+    from driver.models import fast_kernels
+
     out: dict[str, float] = {}
     print(f"{'cluster':8s}{'atoms':>6s}{'1 member':>11s}{'3 batched':>11s}{'3 separate':>12s}{'batched/1':>11s}"
           f"{'3 mean-F':>10s}{'dipole':>9s}   (ms, one core)")
@@ -61,9 +66,34 @@ def main() -> int:
         t3sep = timed(lambda: [m.member_outputs(z, r) for m in separate], args.repeat)
         td = timed(lambda: dipole.member_dipoles(z, r), args.repeat)
         print(f"{name:8s}{len(atoms):6d}{t1:11.2f}{t3:11.2f}{t3sep:12.2f}{t3 / t1:11.2f}{t3mean:10.2f}{td:9.2f}")
+        if fast_kernels.AVAILABLE:  # baseline in the same process: the PyTorch descriptor
+            fast_kernels.AVAILABLE = False
+            t1_torch = timed(lambda: single.member_outputs(z, r), args.repeat)
+            t3_torch = timed(lambda: energy3.member_outputs(z, r), args.repeat)
+            fast_kernels.AVAILABLE = True
+            out.update({f"ef_ms_single_torch_{name}": t1_torch, f"ef_ms_committee3_torch_{name}": t3_torch})
+            print(f"{'  torch':8s}{'':6s}{t1_torch:11.2f}{t3_torch:11.2f}{'':12s}{t3_torch / t1_torch:11.2f}"
+                  f"   (PyTorch descriptor instead of the C kernels)")
         out.update({f"ef_ms_single_{name}": t1, f"ef_ms_committee3_{name}": t3, f"ef_ms_separate3_{name}": t3sep,
                     f"committee3_over_single_{name}": t3 / t1, f"ef_ms_committee3_meanforce_{name}": t3mean,
                     f"dipole_ms_{name}": td})
+
+    # The floor set by the atomic network alone: its four large GEMMs (forward and input-gradient backward
+    # through 360-512-512) for the 50 atoms of P10, one member and three members (one bmm each).
+    def gemms(k: int, atoms: int = 50):
+        layers = energy3.energy_model.layers
+        w1, w2 = layers[0].weight[:k].contiguous(), layers[1].weight[:k].contiguous()
+        x, h = torch.randn(k, atoms, w1.shape[1]), torch.randn(k, atoms, w1.shape[2])
+        return lambda: (torch.bmm(x, w1), torch.bmm(h, w2), torch.bmm(h, w2.transpose(1, 2)),
+                        torch.bmm(h, w1.transpose(1, 2)))
+
+    g1, g3 = timed(gemms(1), args.repeat), timed(gemms(3), args.repeat)
+    out.update({"mlp_gemm_ms_single_P10": g1, "mlp_gemm_ms_committee3_P10": g3})
+    # Whatever the descriptor costs (s shared by the members, d per member), the committee of 3 costs
+    # s + 3 (g + d) and one member s + g + d: with one member at the 4 ms target, the ratio is at least:
+    out["committee3_over_single_floor_at_4ms_P10"] = (4.0 + (g3 - g1)) / 4.0
+    print(f"atomic network GEMMs alone (P10): 1 member {g1:.2f} ms, 3 members {g3:.2f} ms; with one member at "
+          f"4 ms a committee of 3 is >= {out['committee3_over_single_floor_at_4ms_P10']:.2f}x")
 
     # Training throughput: one energy member, paper-size network, batches of 8 P2-sized structures.
     from driver.models.committee import ModelConfig, _energy_model

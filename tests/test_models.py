@@ -167,10 +167,17 @@ def test_calibration_makes_normalised_errors_unit(small_config, p2_dft_frames, t
     assert np.mean(ratios) == pytest.approx(1.0, rel=1e-6)
 
 
-def test_fast_inference_path_equals_plain_autograd(committee, p2):
-    """The hand-written backward of the neighbour sums (inference) and the contraction tables of the
-    invariants give the same energies, per-member forces and features as plain autograd through the
-    readable one-einsum-per-contraction definition."""
+@pytest.mark.parametrize("kernels", ["c", "torch"])
+def test_fast_inference_path_equals_plain_autograd(committee, p2, kernels, monkeypatch):
+    """The inference path (the compiled descriptor, or its PyTorch twin with the hand-written backward of
+    the neighbour sums) gives the same energies, per-member forces and mean forces as plain autograd, on
+    a padded batch of two clusters; and the contraction tables of the invariants give the features of
+    the readable one-einsum-per-contraction definition."""
+    from driver.models import fast_kernels
+
+    if kernels == "c" and not fast_kernels.AVAILABLE:
+        pytest.skip("the C extension driver.models._gm_kernels is not built (no compiler at install)")
+    monkeypatch.setattr(fast_kernels, "AVAILABLE", kernels == "c")
     from driver.models.gaussian_moments import SYMMETRIC_TO_FULL, invariants_cartesian
     from driver.models.geometry import Batch, make_batch
 

@@ -37,7 +37,10 @@ arithmetic, sets the cost):
   forces without recomputing them;
 - the invariants are a few dense products with fixed contraction tables built from the table above
   (:func:`invariants`); :func:`invariants_cartesian` is the readable one-einsum-per-contraction definition
-  they are tested against.
+  they are tested against;
+- at inference the whole descriptor runs in compiled C where the optional extension was built
+  (:mod:`driver.models.fast_kernels`): one call forward, one backward, about 1.5x faster end to end on
+  P10 than the PyTorch version above, which stays the definition for training and Hessians.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import fast_kernels
 from .geometry import Batch, Pairs, pair_geometry
 from .radial import GaussianBasis
 
@@ -355,6 +359,13 @@ class GaussianMomentDescriptor(nn.Module):
         k = self.coefficients.shape[0]
         # Coefficients of the centre atom's species: (K, B, N, S*n_basis, n_radial).
         c = self.coefficients.reshape(k, self.n_species, self.n_species * self.n_basis, self.n_radial)
+        if fast and fast_kernels.AVAILABLE:
+            replicas = k if per_member else 1
+            b = batch.species.shape[0] // replicas
+            positions = batch.positions.reshape(replicas, b, *batch.positions.shape[1:])
+            return fast_kernels.DescriptorC.apply(positions, batch.species[:b], c / math.sqrt(self.n_basis),
+                                                  self.basis.centres, self.basis.beta, self.cutoff,
+                                                  self.n_features)
         if per_member:
             n = batch.species.shape[1]
             species = batch.species.clamp(min=0).reshape(k, -1, n)                 # (K, B, N)
