@@ -20,6 +20,14 @@
 
 #define NM 20 /* symmetric moment components: 1 + 3 + 6 + 10 */
 
+/* The hot loops get an AVX2/FMA clone next to the baseline one, picked at load time by the CPU that runs them
+ * (GCC function multiversioning): a build stays portable across x86-64 machines. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 11
+#define HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define HOT
+#endif
+
 /* Monomial m = e[a] e[b] e[c] with e = (1, ux, uy, uz), in the order of MONOMIALS (gaussian_moments.py). */
 static const int MONO[NM][3] = {
     {0, 0, 0},
@@ -118,7 +126,7 @@ static Pair *pairs_within(const double *pos, const int64_t *species, int B, int 
 }
 
 /* M[b, i, z*nb + k, m] = sum over j != i of species z of radial_k(d_ij) a_m(u_ij). */
-static int moments_forward(const double *pos, const int64_t *species, int B, int N, int S, const Basis *bs,
+HOT static int moments_forward(const double *pos, const int64_t *species, int B, int N, int S, const Basis *bs,
                            double *out) {
     const int nb = bs->nb, Q = S * nb;
     double rad[64], a[NM];
@@ -145,7 +153,7 @@ static int moments_forward(const double *pos, const int64_t *species, int B, int
 }
 
 /* gpos[r, b, i] = d L_r / d r_i for R cotangents grad[r] of M (R committee members sharing the sums). */
-static int moments_backward(const double *pos, const int64_t *species, int B, int N, int S, const Basis *bs,
+HOT static int moments_backward(const double *pos, const int64_t *species, int B, int N, int S, const Basis *bs,
                             int R, const double *grad, double *gpos) {
     const int nb = bs->nb, Q = S * nb;
     double rad[64], drad[64], a[NM], da[NM][3];
@@ -254,7 +262,7 @@ static int scratch_alloc(Scratch *w, int n) {
     return mem != NULL;
 }
 
-static void intermediates(const Moments *restrict p, int n, const Scratch *w) {
+HOT static void intermediates(const Moments *restrict p, int n, const Scratch *w) {
     for (int t = 0; t < n; t++)
         for (int u = 0; u < n; u++) {
             const double *p2t = p[t].p2, *p3u = p[u].p3, *p2u = p[u].p2;
@@ -273,7 +281,7 @@ static void intermediates(const Moments *restrict p, int n, const Scratch *w) {
 }
 
 /* Features of one atom in the order of the table in gaussian_moments.py. */
-static void invariants_atom(const double *restrict psi, int n, Moments *restrict p, const Scratch *w,
+HOT static void invariants_atom(const double *restrict psi, int n, Moments *restrict p, const Scratch *w,
                             double *restrict f) {
     expand(psi, n, p);
     intermediates(p, n, w);
@@ -301,7 +309,7 @@ static void invariants_atom(const double *restrict psi, int n, Moments *restrict
 
 /* Adds to gpsi (n, 20) the gradient of sum_k gf[k] f[k] for one atom. The moments are symmetric in value,
  * so A[s, t]^T = A[t, s] and P2_u^T P1 = P2_u P1 = V, which the derivatives below use. */
-static void invariants_atom_backward(const double *restrict psi, const double *restrict gf, int n,
+HOT static void invariants_atom_backward(const double *restrict psi, const double *restrict gf, int n,
                                      Moments *restrict p, Moments *restrict g, const Scratch *w,
                                      double *restrict gpsi) {
     expand(psi, n, p);
@@ -393,7 +401,7 @@ static void invariants_atom_backward(const double *restrict psi, const double *r
 /* ------------------------------------------------------------------ the whole descriptor */
 
 /* psi[s, m] = sum_q c[q, s] M[q, m]: one member's radial contraction for one atom. */
-static void contract(const double *restrict c, const double *restrict M, int Q, int n, double *restrict psi) {
+HOT static void contract(const double *restrict c, const double *restrict M, int Q, int n, double *restrict psi) {
     for (int s = 0; s < n; s++) {
         double acc[NM] = {0};
         for (int q = 0; q < Q; q++) {
@@ -405,7 +413,7 @@ static void contract(const double *restrict c, const double *restrict M, int Q, 
 }
 
 /* gM[q, m] += sum_s c[q, s] gpsi[s, m]. */
-static void contract_backward(const double *restrict c, const double *restrict gpsi, int Q, int n,
+HOT static void contract_backward(const double *restrict c, const double *restrict gpsi, int Q, int n,
                               double *restrict gM) {
     for (int q = 0; q < Q; q++) {
         double acc[NM] = {0};

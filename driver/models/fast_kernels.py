@@ -13,6 +13,7 @@ back to PyTorch with no change but speed.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -22,7 +23,12 @@ try:
 except ImportError:  # built without a compiler: the PyTorch path is used
     _gm_kernels = None
 
-AVAILABLE = _gm_kernels is not None and os.environ.get("NANOSIL_C_KERNELS", "1") != "0"
+DISABLED = os.environ.get("NANOSIL_C_KERNELS", "1") == "0"
+AVAILABLE = _gm_kernels is not None and not DISABLED
+if _gm_kernels is None and not DISABLED:
+    warnings.warn("nanosil: the compiled descriptor (driver.models._gm_kernels) is not built, so inference runs "
+                  "the PyTorch version (same numbers, ~1.5x slower); reinstall with a C compiler to build it",
+                  RuntimeWarning, stacklevel=2)
 
 
 def _f64(x: torch.Tensor) -> np.ndarray:
