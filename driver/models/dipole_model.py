@@ -41,15 +41,18 @@ class DipoleModel(nn.Module):
         upper = torch.triu_indices(n, n, offset=1, device=batch.positions.device)
         sel_b, sel_p = pairs.within[:, upper[0], upper[1]].nonzero(as_tuple=True)
         first, second = upper[0][sel_p], upper[1][sel_p]
-        env = pairs.cutoff[sel_b, first, second]                                   # (P,)
-        rbf = (self.rbf(pairs.distances[sel_b, first, second]) * env[:, None])[None].expand(j, -1, -1)
+        flat = (sel_b * n + first) * n + second                                    # into (B, N, N)
+        env = pairs.cutoff.reshape(-1).index_select(0, flat)                       # (P,)
+        rbf = (self.rbf(pairs.distances.reshape(-1).index_select(0, flat)) * env[:, None])[None].expand(j, -1, -1)
         atom_i, atom_j = sel_b * n + first, sel_b * n + second                     # flat atom indices
         x = self.embedding[:, batch.species.clamp(min=0)] * batch.mask[..., None]  # (J, B, N, F)
         x = x.reshape(j, b * n, -1)
         for f1, f2, i2f, f2o, dense in zip(self.filter1, self.filter2, self.in2f, self.f2out, self.dense):
             w = f2(shifted_softplus(f1(rbf))) * env[None, :, None]                 # (J, P, F)
             y = i2f(x)                                                              # (J, B*N, F)
-            v = torch.zeros_like(y).index_add(1, atom_i, w * y[:, atom_j]).index_add(1, atom_j, w * y[:, atom_i])
+            # index_select, not y[:, atom_j]: ~8x faster here
+            v = (torch.zeros_like(y).index_add(1, atom_i, w * y.index_select(1, atom_j))
+                 .index_add(1, atom_j, w * y.index_select(1, atom_i)))
             x = x + dense(shifted_softplus(f2o(v)))                                 # cfconv, both directions
         x = x.reshape(j, b, n, -1)
         q = self.out2(shifted_softplus(self.out1(x.reshape(j, b * n, -1)))).reshape(j, b, n) * batch.mask

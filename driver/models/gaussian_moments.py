@@ -53,7 +53,7 @@ from torch import nn
 
 from . import fast_kernels
 from .geometry import Batch, Pairs, pair_geometry
-from .radial import GaussianBasis
+from .radial import GaussianBasis, gaussian
 
 FEATURE_BLOCKS = ("0", "11", "22", "33", "222", "112", "233", "123")
 
@@ -276,7 +276,7 @@ class _MomentSums(torch.autograd.Function):
         fc = 0.5 * (torch.cos(arg) + 1.0) * within
         dfc = -0.5 * (math.pi / cutoff) * torch.sin(arg) * within
         diff = d[..., None] - centres
-        g = torch.exp(-beta * diff * diff)                                         # (B, N, N, n_basis)
+        g = gaussian(-beta * diff * diff)                                          # (B, N, N, n_basis)
         radial = g * fc[..., None]
         dradial = g * (dfc[..., None] - 2.0 * beta * diff * fc[..., None])        # d radial / d d_ij
         onehot = nn.functional.one_hot(species.clamp(min=0), n_species).to(r.dtype) * mask[..., None]
