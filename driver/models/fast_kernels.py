@@ -2,9 +2,9 @@
 
 At inference (energies and forces) the whole :class:`~driver.models.gaussian_moments.GaussianMomentDescriptor`
 runs in C as one autograd Function, :class:`DescriptorC`: neighbour sums, the members' radial contractions
-and the rotation invariants, with a hand-written backward to the positions. They compute in float64 whatever the model's
-dtype, and give the same numbers as the PyTorch definitions (tested to 1e-10 in float64). Their backward
-is not differentiable again: training and Hessians use the PyTorch path.
+and the rotation invariants, with a hand-written backward to the positions (none to the weights). It
+computes in float64 whatever the model's dtype and gives the same numbers as the PyTorch definition (tested
+to 1e-10 in float64). Its backward is not differentiable again: training and Hessians use PyTorch.
 
 The extension is built by ``pip install`` where a C compiler exists (``setup.py``, optional). Where it is
 missing, or with ``NANOSIL_C_KERNELS=0`` in the environment, :data:`AVAILABLE` is False and the model falls

@@ -353,13 +353,14 @@ class GaussianMomentDescriptor(nn.Module):
         (member k sees only structures k*B .. k*B+B-1, copies of the same B structures): backpropagating
         the sum of all member energies then gives every member's own forces in a single backward pass.
 
-        ``fast=True`` computes the neighbour sums once, even for K copies, with a hand-written backward
-        (:class:`_MomentSums`): for energies and forces at inference, not for training or Hessians
-        (no second derivatives)."""
+        ``fast=True`` computes the neighbour sums once, even for K copies, with a hand-written backward:
+        for energies and forces at inference, not for training or Hessians (no second derivatives). With
+        frozen coefficients it runs the compiled descriptor (:class:`~driver.models.fast_kernels.DescriptorC`)
+        where it is built, else :class:`_MomentSums` and the PyTorch invariants."""
         k = self.coefficients.shape[0]
         # Coefficients of the centre atom's species: (K, B, N, S*n_basis, n_radial).
         c = self.coefficients.reshape(k, self.n_species, self.n_species * self.n_basis, self.n_radial)
-        if fast and fast_kernels.AVAILABLE:
+        if fast and fast_kernels.AVAILABLE and not self.coefficients.requires_grad:
             replicas = k if per_member else 1
             b = batch.species.shape[0] // replicas
             positions = batch.positions.reshape(replicas, b, *batch.positions.shape[1:])
