@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,27 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import BIN, ipi_server, run_ipi_with_driver
+
 REPO = Path(__file__).resolve().parents[1]
 STRUCTURES = REPO / ".." / "shared" / "data" / "structures"
-BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
 SYSTEMS = {"P2": "pyroxene_N02_GM.xyz", "P10": "pyroxene_N10_GM.xyz"}
-
-
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def ipi_with_driver(models: Path, structure: Path, steps: int, ranks: int, temperature: float, workdir: Path) -> float:
@@ -61,23 +44,11 @@ def ipi_with_driver(models: Path, structure: Path, steps: int, ranks: int, tempe
     name = f"bench_{uuid.uuid4().hex[:10]}"
     xml = render_input("production_nvt", workdir, socket=f"unix:{name}", structure=structure,
                        temperature=temperature, seed=1, steps=steps, prefix="md")
-    ipi = subprocess.Popen([str(BIN / "i-pi"), xml.name], cwd=workdir, stdout=open(workdir / "ipi.log", "w"),
-                           stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
     cmd = [str(BIN / "nanosil-driver"), "--models", str(models), "--structure", str(structure), "--unix", name,
            "--threads", "1", "--dtype", "float32"]
     if ranks > 1:
         cmd = [str(BIN / "mpirun"), "-n", str(ranks), *cmd]
-    drv = subprocess.Popen(cmd, cwd=workdir, stderr=open(workdir / "driver.log", "w"), env=_env(),
-                           start_new_session=True)
-    try:
-        if drv.wait(timeout=3600) != 0:
-            raise RuntimeError(f"nanosil-driver failed: {(workdir / 'driver.log').read_text()[-2000:]}")
-        ipi.wait(timeout=120)
-    finally:
-        _stop(drv)
-        _stop(ipi)
-        if os.path.exists(f"/tmp/ipi_{name}"):
-            os.unlink(f"/tmp/ipi_{name}")
+    run_ipi_with_driver(xml, name, cmd, workdir / "ipi.log", workdir / "driver.log", timeout=3600)
     match = re.search(r"\(([0-9.]+) ms per MD step after the first\)", (workdir / "driver.log").read_text())
     if not match:
         raise RuntimeError("no timing line in the driver log")
@@ -92,8 +63,6 @@ def ipi_with_zero_driver(structure: Path, steps: int, workdir: Path) -> float:
     name = f"bench_{uuid.uuid4().hex[:10]}"
     xml = render_input("production_nvt", workdir, socket=f"unix:{name}", structure=structure, temperature=300,
                        seed=1, steps=steps, prefix="zero")
-    ipi = subprocess.Popen([str(BIN / "i-pi"), xml.name], cwd=workdir, stdout=open(workdir / "ipi_zero.log", "w"),
-                           stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
     stamps = []
     extras = '{"dipole": [0.0, 0.0, 0.0], "uncertain": false}'
 
@@ -101,16 +70,12 @@ def ipi_with_zero_driver(structure: Path, steps: int, workdir: Path) -> float:
         stamps.append(time.perf_counter())
         return 0.0, np.zeros_like(pos), np.zeros((3, 3)), extras
 
-    try:
+    with ipi_server(xml, workdir / "ipi_zero.log", name) as ipi:
         client = IPIClient(connect("unix", name, wait=60))
         client.serve(zero)
         end = time.perf_counter()
         client.close()
         ipi.wait(timeout=120)
-    finally:
-        _stop(ipi)
-        if os.path.exists(f"/tmp/ipi_{name}"):
-            os.unlink(f"/tmp/ipi_{name}")
     return (end - stamps[1]) / (len(stamps) - 1) * 1e3
 
 

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,47 +22,22 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import BIN, run_ipi_with_driver
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data"
 TRAJ = DATA / "pbe0_P2_normal_modes" / "farthest_selected_opt_pbe0.traj"
 P2 = DATA / "structures" / "pyroxene_N02_GM.xyz"
-BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
-
-
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def run_md(xml: Path, name: str, models: Path, structure: Path, dtype: str) -> str:
     """i-PI + nanosil-driver until i-PI's EXIT; returns the driver's log."""
     work = xml.parent
-    ipi = subprocess.Popen([str(BIN / "i-pi"), xml.name], cwd=work, stdout=open(work / f"{xml.stem}.ipi.log", "w"),
-                           stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
     log = work / f"{xml.stem}.driver.log"
-    drv = subprocess.Popen([str(BIN / "nanosil-driver"), "--models", str(models), "--structure", str(structure),
-                            "--unix", name, "--dtype", dtype, "--log-every", "5000"],
-                           cwd=work, stderr=open(log, "w"), env=_env(), start_new_session=True)
-    try:
-        if drv.wait(timeout=6 * 3600) != 0:
-            raise RuntimeError(f"nanosil-driver failed:\n{log.read_text()[-2000:]}")
-        ipi.wait(timeout=120)
-    finally:
-        _stop(drv)
-        _stop(ipi)
-        if os.path.exists(f"/tmp/ipi_{name}"):
-            os.unlink(f"/tmp/ipi_{name}")
+    driver = [str(BIN / "nanosil-driver"), "--models", str(models), "--structure", str(structure), "--unix", name,
+              "--dtype", dtype, "--log-every", "5000"]
+    run_ipi_with_driver(xml, name, driver, work / f"{xml.stem}.ipi.log", log, timeout=6 * 3600)
     return log.read_text()
 
 

@@ -16,7 +16,6 @@ much closer the same-level pyscf labels are than a different method.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from ase.io import read
 from ase.units import Debye
+
+from _common import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data" / "pbe0_P2_normal_modes" / "farthest_selected_opt_pbe0.traj"
@@ -105,9 +106,7 @@ def main(argv=None) -> int:
                "baseline_xtb": dict(base, seconds_per_structure=xtb_seconds),
                "settings": {"density_fit": args.density_fit, "grid_level": args.grid_level,
                             "threads": args.threads}}
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=2))
-        os.replace(tmp, args.json)
+        write_json(args.json, out)
     return 0
 
 

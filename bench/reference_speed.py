@@ -9,11 +9,12 @@ both measured in this run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
+
+from _common import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 STRUCTURES = REPO / ".." / "shared" / "data" / "structures"
@@ -97,9 +98,7 @@ def main(argv=None) -> int:
                "threads": args.threads,
                "pyscf_over_xtb_cpu": {s: cpu["pyscf"][s] / cpu["xtb"][s] for s in cpu["pyscf"]
                                       if cpu["pyscf"][s] and cpu["xtb"].get(s)}}
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=2))
-        os.replace(tmp, args.json)
+        write_json(args.json, out)
     return 0
 
 

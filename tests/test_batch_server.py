@@ -17,23 +17,17 @@ from ase import units
 from ase.io import read
 
 from driver.batch_server import fragments, partition_by_size
-from driver.models.committee import ModelConfig, build_committee, load_committee, save_committee
+from driver.models.committee import load_committee
 from ipi_inputs import render_input
-from conftest import cluster
+from conftest import BIN, CHILD_ENV, cluster, stop, untrained_committee
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-SMALL = dict(hidden=(16, 16), dipole_features=16, dipole_interactions=1, dipole_gaussians=8)
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-           PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    """An untrained 3 + 2 member committee: the server's plumbing and units, not physics."""
-    folder = tmp_path_factory.mktemp("batch") / "models"
-    save_committee(build_committee(ModelConfig(**SMALL), n_members=3, n_dipole=2, seed=0), folder)
-    return folder
+    """An untrained committee: the server's plumbing and units, not physics."""
+    return untrained_committee(tmp_path_factory.mktemp("batch") / "models")
 
 
 @pytest.fixture
@@ -41,13 +35,7 @@ def procs():
     started, sockets = [], []
     yield started, sockets
     for proc in started:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
     for name in sockets:
         path = f"/tmp/ipi_{name}"
         if os.path.exists(path):
@@ -62,7 +50,7 @@ def start_ipi(procs, folder: Path, structure: Path, steps: int, seed: int):
                        seed=seed, steps=steps, prefix="md")
     with open(folder / "ipi.log", "w") as log:
         started.append(subprocess.Popen([str(BIN / "i-pi"), xml.name], cwd=folder, stdout=log,
-                                        stderr=subprocess.STDOUT, env=ENV))
+                                        stderr=subprocess.STDOUT, env=CHILD_ENV))
     return name, started[-1]
 
 
@@ -72,7 +60,7 @@ def run_server(procs, models: Path, targets: list[tuple[str, Path]], log_dir: Pa
            "--dtype", "float64", "--progress-every", "1000", *extra]
     for name, structure in targets:
         cmd += ["--target", f"{name}={structure}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV, cwd=ROOT)
     started.append(proc)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -158,9 +146,9 @@ def test_trajectory_leaving_the_trusted_region_is_stopped(models, procs, tmp_pat
 
 def test_bad_input_is_one_line(models, tmp_path):
     cmd = [sys.executable, "-m", "driver.batch_server", "--models", str(models), "--target", "x=/nonexistent.xyz"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=CHILD_ENV, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "/nonexistent.xyz" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "driver.batch_server", "--models", str(tmp_path / "none")],
-                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+                          capture_output=True, text=True, env=CHILD_ENV, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and "does not exist" in proc.stderr

@@ -11,7 +11,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -22,23 +21,17 @@ from ase import units
 from ase.io import read
 
 from driver.flagging import FlagCollector
-from driver.models.committee import ModelConfig, build_committee, load_committee, save_committee
+from driver.models.committee import load_committee
 from ipi_inputs import render_input
-from conftest import cluster
+from conftest import BIN, CHILD_ENV, cluster, stop, untrained_committee
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-SMALL = dict(hidden=(16, 16), dipole_features=16, dipole_interactions=1, dipole_gaussians=8)
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-           PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    """An untrained 3 + 2 member committee: plumbing, not physics."""
-    folder = tmp_path_factory.mktemp("ipi") / "models"
-    save_committee(build_committee(ModelConfig(**SMALL), n_members=3, n_dipole=2, seed=0), folder)
-    return folder
+    """An untrained committee: plumbing, not physics."""
+    return untrained_committee(tmp_path_factory.mktemp("ipi") / "models")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -87,7 +80,7 @@ class Procs:
 
     def start(self, cmd, cwd: Path, log_name: str) -> subprocess.Popen:
         log = open(cwd / log_name, "w")
-        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=ENV,
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=CHILD_ENV,
                                 start_new_session=True)
         proc.log_path = cwd / log_name
         log.close()
@@ -98,12 +91,7 @@ class Procs:
         for proc in self.started:
             if proc.poll() is None:
                 tree = _descendants(proc.pid)
-                proc.send_signal(signal.SIGTERM)  # mpirun forwards it to the ranks
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop(proc)  # mpirun forwards the SIGTERM to the ranks
                 for pid in tree:
                     try:
                         os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,68 @@
+"""What several benches share: their child processes (i-PI, nanosil-driver) and their JSON output.
+
+The benches run as ``python bench/NAME.py``, which puts this folder first on ``sys.path``: ``import _common``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def child_env() -> dict:
+    """One thread per child process (the benches time one-thread runs) and this venv's tools on PATH."""
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 10 s: the end of a child that is still running."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def ipi_server(xml: Path, log: Path, socket: str):
+    """i-PI on ``xml`` (run in its folder, output to ``log``); on leaving, i-PI is ended and its UNIX socket
+    file /tmp/ipi_``socket`` removed, also when the run failed."""
+    ipi = subprocess.Popen([str(BIN / "i-pi"), xml.name], cwd=xml.parent, stdout=open(log, "w"),
+                           stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
+    try:
+        yield ipi
+    finally:
+        stop(ipi)
+        if os.path.exists(f"/tmp/ipi_{socket}"):
+            os.unlink(f"/tmp/ipi_{socket}")
+
+
+def run_ipi_with_driver(xml: Path, socket: str, driver: list[str], ipi_log: Path, driver_log: Path,
+                        timeout: float) -> None:
+    """i-PI on ``xml`` served by the ``driver`` command (stderr to ``driver_log``) until i-PI's EXIT; a failed
+    driver raises with the end of its log."""
+    with ipi_server(xml, ipi_log, socket) as ipi:
+        drv = subprocess.Popen(driver, cwd=xml.parent, stderr=open(driver_log, "w"), env=child_env(),
+                               start_new_session=True)
+        try:
+            if drv.wait(timeout=timeout) != 0:
+                raise RuntimeError(f"nanosil-driver failed:\n{driver_log.read_text()[-2000:]}")
+            ipi.wait(timeout=120)
+        finally:
+            stop(drv)
+
+
+def write_json(path: str, figures: dict) -> None:
+    """``figures`` as indented JSON, through a .tmp file and os.replace: a reader never sees half a file."""
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(figures, indent=2))
+    os.replace(tmp, path)
