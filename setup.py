@@ -6,4 +6,4 @@ uses its PyTorch implementation of the same descriptor (slower at inference, ide
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("driver.models._gm_kernels", ["driver/models/_gm_kernels.c"],
-                             extra_compile_args=["-O3", "-std=c99"], optional=True)])
+                             extra_compile_args=["-O3", "-std=c99", "-fopenmp-simd"], optional=True)])

@@ -248,6 +248,13 @@ static inline double dot(const double *restrict x, const double *restrict y, int
     return acc;
 }
 
+/* y += a x; y and x never overlap (the callers pass a gradient and a moment, or two different moments).
+ * "omp simd" (compiled with -fopenmp-simd: no OpenMP runtime) vectorises these short loops (3, 9, 27). */
+static inline void axpy(double *restrict y, double a, const double *restrict x, int len) {
+#pragma omp simd
+    for (int k = 0; k < len; k++) y[k] += a * x[k];
+}
+
 /* Products shared by the triple contractions of one atom (n = n_radial), each n x n x (3 or 9):
  *   T[t, u, ab] = sum_cd P3_t[acd] P3_u[bcd]  (t <= u)     W[t, u, a] = sum_bc P2_t[bc] P3_u[abc]
  *   A[s, t, ac] = sum_b P2_s[ab] P2_t[bc]                   V[u, t, a] = sum_b P2_u[ab] P1_t[b]        */
@@ -320,80 +327,60 @@ HOT static void invariants_atom_backward(const double *restrict psi, const doubl
     int k = 0;
     for (int s = 0; s < n; s++) gpsi[s * NM] += gf[k++];
     for (int s = 0; s < n; s++)
-        for (int t = s; t < n; t++, k++)
-            for (int a = 0; a < 3; a++) {
-                g[s].p1[a] += gf[k] * p[t].p1[a];
-                g[t].p1[a] += gf[k] * p[s].p1[a];
-            }
+        for (int t = s; t < n; t++, k++) {
+            axpy(g[s].p1, gf[k], p[t].p1, 3);
+            axpy(g[t].p1, gf[k], p[s].p1, 3);
+        }
     for (int s = 0; s < n; s++)
-        for (int t = s; t < n; t++, k++)
-            for (int a = 0; a < 9; a++) {
-                g[s].p2[a] += gf[k] * p[t].p2[a];
-                g[t].p2[a] += gf[k] * p[s].p2[a];
-            }
+        for (int t = s; t < n; t++, k++) {
+            axpy(g[s].p2, gf[k], p[t].p2, 9);
+            axpy(g[t].p2, gf[k], p[s].p2, 9);
+        }
     for (int s = 0; s < n; s++)
-        for (int t = s; t < n; t++, k++)
-            for (int a = 0; a < 27; a++) {
-                g[s].p3[a] += gf[k] * p[t].p3[a];
-                g[t].p3[a] += gf[k] * p[s].p3[a];
-            }
+        for (int t = s; t < n; t++, k++) {
+            axpy(g[s].p3, gf[k], p[t].p3, 27);
+            axpy(g[t].p3, gf[k], p[s].p3, 27);
+        }
     for (int s = 0; s < n; s++)         /* d tr(P_s P_t P_u) / dP_s[ab] = (P_t P_u)[ba] = A[u, t][ab], etc. */
         for (int t = s; t < n; t++)
             for (int u = t; u < n; u++, k++) {
-                const double *ut = w->A + (u * n + t) * 9, *su = w->A + (s * n + u) * 9, *ts = w->A + (t * n + s) * 9;
-                for (int a = 0; a < 9; a++) {
-                    g[s].p2[a] += gf[k] * ut[a];
-                    g[t].p2[a] += gf[k] * su[a];
-                    g[u].p2[a] += gf[k] * ts[a];
-                }
+                axpy(g[s].p2, gf[k], w->A + (u * n + t) * 9, 9);
+                axpy(g[t].p2, gf[k], w->A + (s * n + u) * 9, 9);
+                axpy(g[u].p2, gf[k], w->A + (t * n + s) * 9, 9);
             }
     for (int s = 0; s < n; s++)         /* P1_s . P2_u P1_t */
         for (int t = s; t < n; t++)
             for (int u = 0; u < n; u++, k++) {
-                const double *vt = w->V + (u * n + t) * 3, *vs = w->V + (u * n + s) * 3;
-                for (int a = 0; a < 3; a++) {
-                    g[s].p1[a] += gf[k] * vt[a];
-                    g[t].p1[a] += gf[k] * vs[a];
-                    const double x = gf[k] * p[s].p1[a];
-                    for (int b = 0; b < 3; b++) g[u].p2[3 * a + b] += x * p[t].p1[b];
-                }
+                axpy(g[s].p1, gf[k], w->V + (u * n + t) * 3, 3);
+                axpy(g[t].p1, gf[k], w->V + (u * n + s) * 3, 3);
+                for (int a = 0; a < 3; a++) axpy(g[u].p2 + 3 * a, gf[k] * p[s].p1[a], p[t].p1, 3);
             }
     for (int s = 0; s < n; s++)         /* P2_s : T_tu */
         for (int t = 0; t < n; t++)
             for (int u = t; u < n; u++, k++) {
-                const double *T = w->T + (t * n + u) * 9;
-                double *GT = w->GT + (t * n + u) * 9;
-                for (int a = 0; a < 9; a++) {
-                    g[s].p2[a] += gf[k] * T[a];
-                    GT[a] += gf[k] * p[s].p2[a];
-                }
+                axpy(g[s].p2, gf[k], w->T + (t * n + u) * 9, 9);
+                axpy(w->GT + (t * n + u) * 9, gf[k], p[s].p2, 9);
             }
     for (int s = 0; s < n; s++)         /* P1_s . W_tu */
         for (int t = 0; t < n; t++)
             for (int u = 0; u < n; u++, k++) {
-                const double *W = w->W + (t * n + u) * 3;
-                double *GW = w->GW + (t * n + u) * 3;
-                for (int a = 0; a < 3; a++) {
-                    g[s].p1[a] += gf[k] * W[a];
-                    GW[a] += gf[k] * p[s].p1[a];
-                }
+                axpy(g[s].p1, gf[k], w->W + (t * n + u) * 3, 3);
+                axpy(w->GW + (t * n + u) * 3, gf[k], p[s].p1, 3);
             }
     for (int t = 0; t < n; t++)
         for (int u = 0; u < n; u++) {
             const double *gw = w->GW + (t * n + u) * 3;
-            for (int a = 0; a < 3; a++)
-                for (int bc = 0; bc < 9; bc++) {
-                    g[t].p2[bc] += gw[a] * p[u].p3[9 * a + bc];
-                    g[u].p3[9 * a + bc] += gw[a] * p[t].p2[bc];
-                }
+            for (int a = 0; a < 3; a++) {
+                axpy(g[t].p2, gw[a], p[u].p3 + 9 * a, 9);
+                axpy(g[u].p3 + 9 * a, gw[a], p[t].p2, 9);
+            }
             if (u < t) continue;
             const double *gt = w->GT + (t * n + u) * 9;
             for (int a = 0; a < 3; a++)
-                for (int b = 0; b < 3; b++)
-                    for (int cd = 0; cd < 9; cd++) {
-                        g[t].p3[9 * a + cd] += gt[3 * a + b] * p[u].p3[9 * b + cd];
-                        g[u].p3[9 * b + cd] += gt[3 * a + b] * p[t].p3[9 * a + cd];
-                    }
+                for (int b = 0; b < 3; b++) {
+                    axpy(g[t].p3 + 9 * a, gt[3 * a + b], p[u].p3 + 9 * b, 9);
+                    axpy(g[u].p3 + 9 * b, gt[3 * a + b], p[t].p3 + 9 * a, 9);
+                }
         }
     fold(g, n, gpsi);
 }
