@@ -220,14 +220,17 @@ def main(argv=None) -> int:
     ap.add_argument("--extra", nargs="*", default=[], metavar="EPOCHS:LR:BATCH[:PATIENCE]",
                     help="more short schedules, e.g. 800:5e-3:16 (patience 80) or 800:5e-3:16:0 (no early stopping)")
     ap.add_argument("--resume", metavar="JSON", help="an earlier result of this script on the same --db: its "
-                    "reference and schedules are kept, only schedules not in it are run")
+                    "reference and schedules are kept, only schedules not in it are run; with a different "
+                    "--reference-epochs, a new reference is trained and the old one joins the schedules")
+    ap.add_argument("--max-frames", type=int, help="use only the first N structures of --db (the database of "
+                    "bench/label_efficiency.py grows with every iteration)")
     args = ap.parse_args(argv)
     if not Path(args.db).is_file():
         print(f"error: database {args.db} not found (label one first, e.g. with bench/label_efficiency.py --quick)")
         return 2
     torch.set_num_threads(1)
     training._cores = lambda: 1   # one core: one process with one torch thread, whatever the machine has
-    frames = read_frames(args.db)
+    frames = read_frames(args.db)[:args.max_frames]
     if len(frames) < 20:
         print(f"error: {args.db} has {len(frames)} labelled structures; the study needs at least 20")
         return 2
@@ -251,7 +254,15 @@ def main(argv=None) -> int:
     print(f"{len(frames)} structures ({mean_atoms:.1f} atoms on average) from {args.db}; reference "
           f"{ref_sched['epochs']} epochs and {len(short_scheds)} short schedules, 1 member, 1 thread", flush=True)
     every = args.monitor_every or max(1, ref_sched["epochs"] // 25)
-    if done:
+    if done and done["reference_schedule"]["epochs"] != ref_sched["epochs"]:
+        old = dict(done["reference_schedule"])
+        old.pop("curve", None)
+        old["name"] = f"e{old['epochs']}_lr{old['lr']:g}_b{old['batch_size']}_p0"
+        short = list(done["schedules"]) + [old]
+        print(f"{len(short)} schedules taken from {args.resume} (its reference among them); new reference:",
+              flush=True)
+        ref = run_schedule(frames, ref_sched, args.seed, monitor_every=every)
+    elif done:
         ref, short = done["reference_schedule"], list(done["schedules"])
         print(f"reference and {len(short)} schedules taken from {args.resume}", flush=True)
     else:
