@@ -24,6 +24,9 @@ The paper-schedule estimate scales the reference's seconds per epoch to 12,000 e
 The default --db is the database of ``bench/label_efficiency.py --quick``, which grows with every iteration:
 the study reported for issue 2 used its first 136 labels (iterations 0-3: P1, O1, P2, O2).
 
+The paper-length comparison of issue 2 (a 12,000-epoch reference, ~85 min, against the schedules above):
+``--max-frames 136 --reference-epochs 12000 --monitor-every 500 --resume RESULTS.json --only none``.
+
 ``--quick``: a 400-epoch reference and four short schedules (~6 min); the full study takes ~35 min on one
 core. ``--extra 1000:2e-3:8:0`` adds schedules (EPOCHS:LR:BATCH[:PATIENCE], 0 = no early stopping) and
 ``--resume OLD.json`` keeps an earlier run's reference and schedules, running only the new ones.
