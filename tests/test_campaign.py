@@ -5,7 +5,6 @@ and then extended with more seeds.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,12 +16,10 @@ import pytest
 
 from al_manager.campaign import composition_of, config_from_dict, load_config
 from al_manager.production import _cut_dipoles, _cut_rows, dipole_labels, patch_xml, start_time
-from conftest import cluster as structure
+from conftest import CHILD_ENV, cluster as structure
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-           PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
 # ---------------------------------------------------------------------- configuration
@@ -166,7 +163,7 @@ O1 = "{paths['O1']}"
 
 
 def _campaign(config: Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "nanosil"), "ir-campaign", str(config)], cwd=config.parent, env=ENV,
+    return subprocess.Popen([str(BIN / "nanosil"), "ir-campaign", str(config)], cwd=config.parent, env=CHILD_ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 

@@ -12,21 +12,18 @@ import pytest
 from ase import units
 from ase.io import read
 
-from driver.models.committee import ModelConfig, build_committee, load_committee, save_committee
+from driver.models.committee import load_committee
 from driver.mpi_committee import split_members
 from driver.pes import AtomCountMismatch, NanosilDriver
 
-from conftest import cluster
+from conftest import cluster, untrained_committee
 
 BIN = Path(sys.executable).parent
-SMALL = dict(hidden=(16, 16), dipole_features=16, dipole_interactions=1, dipole_gaussians=8)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("pes") / "models"
-    save_committee(build_committee(ModelConfig(**SMALL), n_members=3, n_dipole=2, seed=0), folder)
-    return folder
+    return untrained_committee(tmp_path_factory.mktemp("pes") / "models")
 
 
 def test_reply_is_the_committee_in_atomic_units(models, tmp_path):

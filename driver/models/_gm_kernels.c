@@ -420,15 +420,8 @@ static int features_forward(const double *pos, const int64_t *species, int B, in
     double *M = malloc(sizeof(double) * (size_t)B * N * Q * NM);
     Moments *p = malloc(sizeof(Moments) * n);
     Scratch w;
-    if (!scratch_alloc(&w, n) || !M || !p) {
-        free(M), free(p), free(w.T);
-        return 0;
-    }
-    if (!moments_forward(pos, species, B, N, S, bs, M)) {
-        free(M), free(p), free(w.T);
-        return 0;
-    }
-    for (int k = 0; k < K; k++)
+    const int ok = scratch_alloc(&w, n) && M && p && moments_forward(pos, species, B, N, S, bs, M);
+    for (int k = 0; ok && k < K; k++)
         for (int a = 0; a < B * N; a++) {
             double *ps = psi + ((size_t)k * B * N + a) * n * NM;
             const int64_t z = species[a];
@@ -439,7 +432,7 @@ static int features_forward(const double *pos, const int64_t *species, int B, in
             invariants_atom(ps, n, p, &w, feats + ((size_t)k * B * N + a) * F);
         }
     free(M), free(p), free(w.T);
-    return 1;
+    return ok;
 }
 
 /* gpos (R, B, N, 3) from the features' cotangent gF (K, B, N, F): R = K gives every member its own position

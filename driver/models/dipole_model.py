@@ -41,10 +41,10 @@ class DipoleModel(nn.Module):
         upper = torch.triu_indices(n, n, offset=1, device=batch.positions.device)
         sel_b, sel_p = pairs.within[:, upper[0], upper[1]].nonzero(as_tuple=True)
         first, second = upper[0][sel_p], upper[1][sel_p]
-        flat = (sel_b * n + first) * n + second                                    # into (B, N, N)
+        atom_i, atom_j = sel_b * n + first, sel_b * n + second                     # flat atom indices
+        flat = atom_i * n + second                                                 # into (B, N, N)
         env = pairs.cutoff.reshape(-1).index_select(0, flat)                       # (P,)
         rbf = (self.rbf(pairs.distances.reshape(-1).index_select(0, flat)) * env[:, None])[None].expand(j, -1, -1)
-        atom_i, atom_j = sel_b * n + first, sel_b * n + second                     # flat atom indices
         x = self.embedding[:, batch.species.clamp(min=0)] * batch.mask[..., None]  # (J, B, N, F)
         x = x.reshape(j, b * n, -1)
         for f1, f2, i2f, f2o, dense in zip(self.filter1, self.filter2, self.in2f, self.f2out, self.dense):

@@ -342,9 +342,14 @@ class GaussianMomentDescriptor(nn.Module):
         ang = angular_moments(pairs.unit)                                          # (B, N, N, 20)
         return torch.matmul(by_species.transpose(-1, -2), ang)                    # (B, N, S*n_basis, 20)
 
-    def _fast_moments(self, batch: Batch, replicas: int) -> torch.Tensor:
+    @staticmethod
+    def _replicas(batch: Batch, replicas: int) -> tuple[torch.Tensor, int]:
+        """The positions of a batch of ``replicas`` x B copies (member-major) as (replicas, B, N, 3), and B."""
         b = batch.species.shape[0] // replicas
-        positions = batch.positions.reshape(replicas, b, *batch.positions.shape[1:])
+        return batch.positions.reshape(replicas, b, *batch.positions.shape[1:]), b
+
+    def _fast_moments(self, batch: Batch, replicas: int) -> torch.Tensor:
+        positions, b = self._replicas(batch, replicas)
         return _MomentSums.apply(positions, batch.species[:b], batch.mask[:b], self.n_species,
                                  self.basis.centres.to(positions.dtype), self.basis.beta, self.cutoff)
 
@@ -361,9 +366,7 @@ class GaussianMomentDescriptor(nn.Module):
         # Coefficients of the centre atom's species: (K, B, N, S*n_basis, n_radial).
         c = self.coefficients.reshape(k, self.n_species, self.n_species * self.n_basis, self.n_radial)
         if fast and fast_kernels.AVAILABLE and not self.coefficients.requires_grad:
-            replicas = k if per_member else 1
-            b = batch.species.shape[0] // replicas
-            positions = batch.positions.reshape(replicas, b, *batch.positions.shape[1:])
+            positions, b = self._replicas(batch, k if per_member else 1)
             return fast_kernels.DescriptorC.apply(positions, batch.species[:b], c / math.sqrt(self.n_basis),
                                                   self.basis.centres, self.basis.beta, self.cutoff,
                                                   self.n_features)
