@@ -12,10 +12,10 @@ import sys
 
 # name -> (module, one-line help). The module owns the arguments and the work.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("driver.commands.train", "train a committee of energy/force (and dipole) models on an ASE database"),
-    "evaluate": ("driver.commands.evaluate", "error table (energy, forces, dipole; MAE/RMSE) of a committee on a database"),
-    "label": ("al_manager.reference.commands.label", "label every frame of a file with a reference backend into a database"),
-    "harmonic": ("al_manager.reference.commands.harmonic", "harmonic frequencies and IR intensities with a reference backend"),
+    "train": ("al_manager.commands.train", "train a committee of energy/force (and dipole) models on an ASE database"),
+    "evaluate": ("al_manager.commands.evaluate", "error table (energy, forces, dipole; MAE/RMSE) of a committee on a database"),
+    "label": ("al_manager.commands.label", "label every frame of a file with a reference backend into a database"),
+    "harmonic": ("al_manager.commands.harmonic", "harmonic frequencies and IR intensities with a reference backend"),
     "structures": ("al_manager.commands.structures", "find low-energy isomers of a formula by global search"),
     "al": ("al_manager.commands.al", "active learning: init | run | status"),
     "ir-campaign": ("al_manager.commands.campaign", "production MD IR spectra for many clusters, temperatures and seeds"),
@@ -24,6 +24,37 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
+
+
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: a bad option is one line on stderr (exit code 2), pointing at --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def number(kind=int, minimum=None, maximum=None, exclusive_minimum=False):
+    """An argparse ``type`` for a finite number in a range: ``--epochs -5`` is refused before any work."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        low_ok = minimum is None or (value > minimum if exclusive_minimum else value >= minimum)
+        if value != value or value in (float("inf"), float("-inf")) or not low_ok or (
+                maximum is not None and value > maximum):
+            if minimum is not None and maximum is not None:
+                want = f"between {minimum} and {maximum}"
+            elif minimum is not None:
+                want = f"> {minimum}" if exclusive_minimum else f">= {minimum}"
+            else:
+                want = f"<= {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def _load(name: str):
@@ -52,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name = argv[0]
     module = _load(name)
-    sub = argparse.ArgumentParser(prog=f"nanosil {name}", description=SUBCOMMANDS[name][1])
+    sub = _SubcommandParser(prog=f"nanosil {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
     try:

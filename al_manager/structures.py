@@ -41,6 +41,9 @@ import numpy as np
 from ase import Atoms
 from ase.data import atomic_numbers, covalent_radii
 
+from driver.geometry_checks import collapsed_or_fragmented
+from spectra.atomic import write_text, write_with
+
 #: elements treated as anions when building starting clusters and choosing exchange moves
 ANIONS = frozenset(atomic_numbers[s] for s in ("N", "O", "F", "S", "Cl", "Se", "Br", "I"))
 
@@ -144,25 +147,8 @@ def random_cluster(numbers, rng: np.random.Generator, volume_per_atom: float = 1
 
 
 def structure_problem(atoms: Atoms) -> str | None:
-    """Why a relaxed structure is not a sensible cluster minimum (None: it is)."""
-    n = len(atoms)
-    if n < 2:
-        return None
-    d = atoms.get_all_distances()
-    r = covalent_radii[atoms.numbers]
-    rsum = r[:, None] + r[None, :]
-    iu = np.triu_indices(n, 1)
-    ratio = d[iu] / rsum[iu]
-    if ratio.min() < 0.7:
-        k = int(np.argmin(ratio))
-        i, j = iu[0][k], iu[1][k]
-        return f"atoms {i} ({atoms[i].symbol}) and {j} ({atoms[j].symbol}) collapsed to {d[i, j]:.2f} Å"
-    from scipy.sparse.csgraph import connected_components
-
-    n_parts, _ = connected_components(d < 1.3 * rsum, directed=False)
-    if n_parts > 1:
-        return f"fragmented into {n_parts} pieces"
-    return None
+    """Why a relaxed structure is not a sensible cluster minimum (None: it is): collapsed or fragmented."""
+    return collapsed_or_fragmented(atoms.numbers, atoms.positions)
 
 
 def distance_fingerprint(atoms: Atoms) -> dict[tuple[int, int], np.ndarray]:
@@ -374,12 +360,6 @@ def _with_labels(atoms: Atoms, backend) -> Atoms:
 
 
 # ------------------------------------------------------------------------------ output
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_isomers(result: SearchResult, formula: str, units: int, out_dir: str | os.PathLike,
                   method: str = "") -> tuple[list[Path], Path]:
     """``OUT/<formula>_<units>_isomerNN.xyz`` (extxyz with energy, forces, dipole) and
@@ -398,7 +378,7 @@ def write_isomers(result: SearchResult, formula: str, units: int, out_dir: str |
         atoms = iso.atoms
         atoms.info.update({"name": f"{stem}_isomer{k:02d}", "relative_energy_eV": iso.energy - e0,
                            "method": method, "found": iso.found})
-        _write_atomic(path, lambda p, a=atoms: write(str(p), a, format="extxyz"))
+        write_with(path, lambda p, a=atoms: write(str(p), a, format="extxyz"))
         files.append(path)
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -406,7 +386,7 @@ def write_isomers(result: SearchResult, formula: str, units: int, out_dir: str |
     for k, (iso, path) in enumerate(zip(result.isomers, files), start=1):
         w.writerow([k, path.name, len(iso.atoms), f"{iso.energy:.6f}", f"{iso.energy - e0:.6f}", method])
     csv_path = out / f"{stem}_isomers.csv"
-    _write_atomic(csv_path, lambda p: p.write_text(buf.getvalue()))
+    write_text(csv_path, buf.getvalue())
     return files, csv_path
 
 

@@ -8,7 +8,7 @@ member; untrained weights unless --models is given: the cost does not depend on 
 
 - ``one-by-one``: each trajectory alone, one i-PI + one ``nanosil-driver`` (1 rank, 1 torch thread), one
   after another (the baseline);
-- ``batched 1x1``: every trajectory's i-PI at once, one ``driver.batch_server`` (1 torch thread) serving all;
+- ``batched 1x1``: every trajectory's i-PI at once, one ``driver.ipi.batch_server`` (1 torch thread) serving all;
 - ``batched 2x1``: the same trajectories split over two batch servers of 1 torch thread each;
 - ``ceiling``: the model alone, ``Committee.predict_batch`` over the same structures grouped as the batch
   server groups them (no i-PI, no sockets): the speed no MD set-up can beat.
@@ -66,13 +66,12 @@ def env(threads: int = 1) -> dict:
 
 
 def prepare(workdir: Path, name: str, seed: int, steps: int, socket: str) -> Path:
-    from al_manager.production import patch_xml
     from ipi_inputs import render_input
 
     folder = workdir / f"{name}_s{seed}_{socket}"
     xml = render_input("production_nvt", folder, socket=f"unix:{socket}", structure=structure(name),
-                       temperature=400.0, seed=seed, steps=steps, prefix="md")
-    xml.write_text(patch_xml(xml.read_text(), checkpoint_steps=10**6, timestep_fs=TIMESTEP_FS))
+                       temperature=400.0, seed=seed, steps=steps, prefix="md", timestep_fs=TIMESTEP_FS,
+                       checkpoint_steps=10**6, dipole_flush=1)
     return xml
 
 
@@ -197,7 +196,7 @@ def batched(workdir: Path, items, steps: int, models: Path, drivers: int, thread
             targets = []
             for k in block:
                 targets += ["--target", f"{run.sockets[k]}={structure(items[k][0])}"]
-            run.start([sys.executable, "-m", "driver.batch_server", "--models", models, "--threads", str(threads),
+            run.start([sys.executable, "-m", "driver.ipi.batch_server", "--models", models, "--threads", str(threads),
                        "--connect-timeout", "300", "--progress-every", "1000", *targets],
                       workdir / f"batch_{tag}{d}.log", threads)
         r = run.watch(run.xmls)
@@ -226,7 +225,7 @@ def ceiling(committee, names: list[str], repeats: int = 5) -> dict:
     half on its own core, i.e. the sum of both halves' rates (perfect scaling over 2 cores)."""
     from ase.io import read
 
-    from driver.batch_server import partition_by_size
+    from driver.ipi.batch_server import partition_by_size
 
     rng = np.random.default_rng(0)
     atoms = [read(structure(n)) for n in names]

@@ -1,7 +1,7 @@
 """Label efficiency of the active-learning loop: harmonic-frequency MAE of the committee against the
 GFN2-xTB oracle as a function of the number of labels, on P1, O1, P2 and O2.
 
-Runs the real loop (``al_manager.loop``: normal-mode + FPS initial data, parallel i-PI sampling with
+Runs the real loop (``al_manager.learning.loop``: normal-mode + FPS initial data, parallel i-PI sampling with
 ``mpirun nanosil-driver``, xTB labels, warm-started retraining) in a work directory under
 ``bench/results/`` and reads its ``report.csv``. The baseline of the same run is iteration 0, the committee
 trained on the normal-mode data alone: the table gives each iteration's MAE as a ratio to it.
@@ -37,25 +37,25 @@ CLUSTERS = {"P1": "pyroxene_N01_GM.xyz", "O1": "olivine_N01_GM.xyz",
 
 
 def settings(quick: bool, workdir: Path) -> dict:
-    """The TOML-equivalent configuration (validated by al_manager.config like any user file)."""
+    """The TOML-equivalent configuration (validated by al_manager.learning.config like any user file)."""
     common = {
         "workdir": str(workdir), "seed": 1,
         "structures": {name: str((DATA / f).resolve()) for name, f in CLUSTERS.items()},
-        "reference": {"backend": "xtb", "label_workers": 2},
-        "committee": {"size": 3, "dipole_size": 0},   # frequencies need no dipole model
-        "thresholds": {"energy_per_atom": 0.002},
+        "reference": {"backend": "xtb", "workers": 2},
         "initial_data": {"n_random": 10},
     }
+    # frequencies need no dipole model (dipole_members = 0); members' epoch lines off, as the loop logs its steps
+    train = {"committee": 3, "dipole_members": 0, "log_every": 10**6}
     if quick:
         common.update(temperatures=[400.0, 800.0],
-                      sampling={"max_md_ps": 1.0, "parallel_runs": 2, "mpi_ranks": 1},
+                      sampling={"energy_threshold": 0.002, "max_md_ps": 1.0, "parallel_runs": 2, "mpi_ranks": 1},
                       stopping={"patience": 3, "max_iterations": 3},
-                      train={"epochs": 150, "patience": 40})
+                      train={**train, "epochs": 150, "patience": 40})
     else:
         common.update(temperatures=[100.0, 400.0, 800.0, 1200.0],
-                      sampling={"max_md_ps": 5.0, "parallel_runs": 2, "mpi_ranks": 1},
+                      sampling={"energy_threshold": 0.002, "max_md_ps": 5.0, "parallel_runs": 2, "mpi_ranks": 1},
                       stopping={"patience": 3, "max_iterations": 12},
-                      train={"epochs": 400, "patience": 200})
+                      train={**train, "epochs": 400, "patience": 200})
     return common
 
 
@@ -112,16 +112,16 @@ def main(argv=None) -> int:
     if args.fresh and workdir.exists():
         shutil.rmtree(workdir)
 
-    from al_manager.config import parse_config
-    from al_manager.loop import plan_from_config, run_loop
-    from al_manager.report import read_report_csv
+    from al_manager.learning.config import parse_config
+    from al_manager.learning.loop import run_loop
+    from al_manager.learning.report import read_report_csv
 
     raw = settings(args.quick, workdir)
     if args.iterations is not None:
         raw["stopping"]["max_iterations"] = args.iterations
     cfg = parse_config(raw, base_dir=REPO)
     t0 = time.time()
-    rc = run_loop(plan_from_config(cfg))
+    rc = run_loop(cfg)
     if rc != 0:
         print(f"label_efficiency: the active-learning loop stopped with status {rc}", file=sys.stderr)
         return rc
@@ -171,23 +171,19 @@ def main(argv=None) -> int:
 def control_chain(workdir: Path, cfg, rounds: int) -> list[float]:
     """Harmonic MAE of committees retrained ``rounds`` times (warm start, the loop's settings) on the
     initial labels alone; element 0 is the shared initial committee. Cached in ``workdir/control``."""
-    from al_manager.loop import plan_from_config
-    from al_manager.measure import harmonic_errors, reference_harmonics
+    from al_manager.learning.measure import harmonic_errors, reference_harmonics
     from driver.data import read_frames
-    from driver.training import TrainConfig, train_committee
+    from driver.training import train_committee
 
-    plan = plan_from_config(cfg)
-    refs = reference_harmonics(plan.structures, plan.backend, workdir / "reference", plan.backend_options,
-                               relax=plan.relax_reference, log=lambda m: None)
+    refs = reference_harmonics(cfg.structure_files, cfg.reference.backend, workdir / "reference",
+                               cfg.reference.options, relax=cfg.initial_data.relax, log=lambda m: None)
     initial = [f for f in read_frames(workdir / "data.db") if f.origin in ("minimum", "normal_modes")]
     previous = workdir / "models" / "iter_000"
     maes = [harmonic_errors(previous, refs)["mae_cm-1"]]
     for r in range(1, rounds + 1):
         out = workdir / "control" / f"round_{r:03d}"
         if not (out / "committee.json").is_file():
-            options = dict(plan.train, warm_start=str(previous))
-            options.setdefault("log_every", 10**6)
-            train_committee(initial, out, TrainConfig(**options))
+            train_committee(initial, out, cfg.train_config(warm_start=previous))
         maes.append(harmonic_errors(out, refs)["mae_cm-1"])
         print(f"control round {r}: {len(initial)} initial labels, harmonic MAE {maes[-1]:.2f} cm^-1", flush=True)
         previous = out

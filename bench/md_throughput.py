@@ -57,7 +57,7 @@ def ipi_with_driver(models: Path, structure: Path, steps: int, ranks: int, tempe
 
 def ipi_with_zero_driver(structure: Path, steps: int, workdir: Path) -> float:
     """ms per MD step of i-PI served by a driver that computes nothing (zero forces, a zero dipole)."""
-    from driver.ipi_client import IPIClient, connect
+    from driver.ipi.client import IPIClient, connect
     from ipi_inputs import render_input
 
     name = f"bench_{uuid.uuid4().hex[:10]}"

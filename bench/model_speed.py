@@ -1,10 +1,13 @@
 """Model speed on one core: ms per energy+forces evaluation for P1, P2, P10, O10, one member vs a committee
-of 3 evaluated in one batched pass vs 3 separate members; the dipole model; training throughput.
+of 3 evaluated in one batched pass vs 3 separate members; the dipole model; training throughput and its
+GEMM floor.
 
     python bench/model_speed.py [--repeat 30] [--json FILE]
 
-JSON keys: ef_ms_single_P10, ef_ms_committee3_P10, committee3_over_single_P10, dipole_ms_P10,
-train_structures_per_s (plus the same figures for the other clusters); ef_ms_single_torch_* and
+JSON keys: ef_ms_single_P10, ef_ms_committee3_P10, committee3_over_single_P10, dipole_ms_P10 (plus the
+same figures for the other clusters); train_structures_per_s (one training step of driver.training, batches
+of 8 P2), train_floor_structures_per_s (the same from the step's GEMMs alone) and train_over_floor, their
+ratio (train_ms_per_step, train_floor_ms_per_step: the times); ef_ms_single_torch_* and
 ef_ms_committee3_torch_* time the same calls with the PyTorch descriptor instead of the compiled kernels
 (the baseline, same process); mlp_gemm_ms_* time the atomic network's GEMMs alone, the floor under
 everything else.
@@ -35,6 +38,48 @@ def timed(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return 1000 * float(np.median(times))
+
+
+TRAIN_BATCH = 8  # structures per training step (TrainConfig.batch_size)
+
+
+def train_step_ms(committee, atoms, batch_size: int, repeat: int) -> tuple[float, float]:
+    """Median ms of one training step of a paper-size energy member on ``batch_size`` perturbed copies of
+    ``atoms`` (random labels: the cost does not depend on them), and of its GEMM floor."""
+    from driver import training
+    from driver.models.committee import ModelConfig, _energy_model
+
+    rng = np.random.default_rng(0)
+    n = 4 * batch_size
+    index = committee.species_index(atoms.numbers)
+    data = training._Tensors([index] * n, [atoms.positions + 0.05 * rng.standard_normal(atoms.positions.shape)
+                                           for _ in range(n)], rng.standard_normal(n),
+                             [rng.standard_normal(atoms.positions.shape) for _ in range(n)], [None] * n)
+    packed, cfg = training._Packed(data), training.TrainConfig()
+    model = _energy_model(ModelConfig(), 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = training._adam(params, 1e-4)
+    loss_fn = lambda ids, d, g: training._energy_loss(model, d, ids, cfg, g)
+    batches = [list(range(s, s + batch_size)) for s in range(0, n, batch_size)]
+    turn = iter(range(10**9))
+    step = lambda: training._train_step(loss_fn, batches[next(turn) % len(batches)], packed, params, opt)
+    widths = [layer.weight.shape[1:] for layer in model.layers[:-1]]
+    return timed(step, max(5, repeat // 3)), timed(gemm_floor(widths, batch_size * len(atoms)), repeat)
+
+
+def gemm_floor(widths: list[tuple[int, int]], atoms: int):
+    """The GEMMs of one training step for ``atoms`` atoms in all, per hidden layer (n_in, n_out): forward
+    x W; force backward (input gradient) d W^T; double backward, the gradient of the force loss w.r.t. the
+    weights, two per GEMM of each pass (the weight gradient and the other operand's). The 1-wide output
+    layer (matrix-vector products) and everything elementwise are left out: this is a floor."""
+    calls = []
+    for n_in, n_out in widths:
+        x, d = torch.randn(1, atoms, n_in), torch.randn(1, atoms, n_out)
+        w = torch.randn(1, n_in, n_out)
+        calls += [(x, w), (d, w.transpose(1, 2)),                           # forward, force backward
+                  (x, w), (x.transpose(1, 2), d),                           # double backward of d W^T
+                  (x.transpose(1, 2), d), (d, w.transpose(1, 2))]           # double backward of x W
+    return lambda: [torch.bmm(a, b) for a, b in calls]
 
 
 def main() -> int:
@@ -95,30 +140,17 @@ def main() -> int:
     print(f"atomic network GEMMs alone (P10): 1 member {g1:.2f} ms, 3 members {g3:.2f} ms; with one member at "
           f"4 ms a committee of 3 is >= {out['committee3_over_single_floor_at_4ms_P10']:.2f}x")
 
-    # Training throughput: one energy member, paper-size network, batches of 8 P2-sized structures.
-    from driver.models.committee import ModelConfig, _energy_model
-    from driver.models.geometry import make_batch
-
-    atoms = read(STRUCTURES / CLUSTERS["P2"])
-    model = _energy_model(ModelConfig(), 1)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    idx = committee.species_index(atoms.numbers)
-    rng = np.random.default_rng(0)
-    batches = [make_batch([idx] * 8, [atoms.positions + 0.05 * rng.standard_normal(atoms.positions.shape)
-                                      for _ in range(8)]) for _ in range(4)]
-
-    def step(batch=batches[0]):
-        pos = batch.positions.requires_grad_(True)
-        e = model(batch)[0]
-        (g,) = torch.autograd.grad(e.sum(), pos, create_graph=True)
-        loss = (e**2).mean() + 10 * (g**2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    ms = timed(step, max(5, args.repeat // 3))
-    out["train_structures_per_s"] = 8 / (ms / 1000)
-    print(f"training (P2, batch 8, 360-512-512-1): {ms:.1f} ms/step = {out['train_structures_per_s']:.0f} structures/s")
+    # Training throughput: one energy member (paper size) trained by driver.training's own step (batch
+    # from the packed data, loss, backward, Adam) on batches of 8 P2-sized structures, against its floor.
+    step_ms, floor_ms = train_step_ms(committee, read(STRUCTURES / CLUSTERS["P2"]), TRAIN_BATCH, args.repeat)
+    out.update(train_ms_per_step=step_ms, train_floor_ms_per_step=floor_ms,
+               train_structures_per_s=TRAIN_BATCH / (step_ms / 1000),
+               train_floor_structures_per_s=TRAIN_BATCH / (floor_ms / 1000))
+    out["train_over_floor"] = out["train_structures_per_s"] / out["train_floor_structures_per_s"]
+    print(f"{'training (P2, batch 8, 360-512-512-1)':40s}{'ms/step':>9s}{'structures/s':>14s}")
+    print(f"{'  step (driver.training)':40s}{step_ms:9.2f}{out['train_structures_per_s']:14.0f}")
+    print(f"{'  floor (its GEMMs alone)':40s}{floor_ms:9.2f}{out['train_floor_structures_per_s']:14.0f}")
+    print(f"{'  step / floor throughput':40s}{'':9s}{out['train_over_floor']:14.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0

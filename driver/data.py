@@ -14,11 +14,17 @@ key             meaning
 ==============  ========================================================================
 
 Writes go one row per transaction (``ase.db`` commits every ``write``), so a crash loses at most
-the calculations in flight.
+the calculations in flight. Concurrent writers are serialised by SQLite's own file locks, which the
+kernel releases when a process dies (even by SIGKILL); ASE's ``DATA.db.lock`` file is not used, since a
+process killed while holding it would leave it behind and every later run would wait forever.
+
+A path that is a folder, a file that is not SQLite, or a damaged database raises :class:`DatasetError`
+(a ValueError whose message names the file).
 """
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,13 +45,42 @@ def structure_hash(numbers, positions, method: str = "") -> str:
     return h.hexdigest()[:32]
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+class DatasetError(ValueError):
+    """A dataset path that is not a readable ASE SQLite database (the message names the file)."""
+
+
+def _check_database_file(path: Path) -> None:
+    if path.is_dir():
+        raise DatasetError(f"dataset {path} is a folder, not an ASE SQLite database file")
+    if path.exists():
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(SQLITE_MAGIC))
+        except OSError as exc:
+            raise DatasetError(f"dataset {path} cannot be read: {exc.strerror or exc}") from None
+        if head and head != SQLITE_MAGIC:  # an empty file is a new, empty database to SQLite
+            raise DatasetError(f"dataset {path} is not an SQLite database (ASE .db); give a database "
+                               f"written by `nanosil label` or ase.db")
+
+
+def database_error(path, exc: sqlite3.Error) -> DatasetError:
+    """One-line error for an sqlite3 failure on the dataset ``path``."""
+    return DatasetError(f"dataset {path}: {' '.join(str(exc).split())} (SQLite)")
+
+
 def connect(path: str | Path):
-    """Open (or create) a dataset. The parent folder is created when missing."""
+    """Open (or create) a dataset. The parent folder is created when missing.
+
+    Uses SQLite's locking, not ASE's lock file (see the module docstring)."""
     import ase.db
 
     path = Path(path)
+    _check_database_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return ase.db.connect(str(path), type="db")
+    return ase.db.connect(str(path), type="db", use_lock_file=False)
 
 
 def add_labelled(db, atoms: Atoms, energy: float, forces, dipole=None, *, method: str,
@@ -61,11 +96,17 @@ def add_labelled(db, atoms: Atoms, energy: float, forces, dipole=None, *, method
               hash=structure_hash(atoms.numbers, atoms.positions, method), **extra)
     if temperature is not None:
         kv["temperature"] = float(temperature)
-    return db.write(atoms, key_value_pairs=kv)
+    try:
+        return db.write(atoms, key_value_pairs=kv)
+    except sqlite3.Error as exc:
+        raise database_error(getattr(db, "filename", "?"), exc) from exc
 
 
 def known_hashes(db) -> set[str]:
-    return {row.get("hash") for row in db.select(columns=["key_value_pairs"]) if row.get("hash")}
+    try:
+        return {row.get("hash") for row in db.select(columns=["key_value_pairs"]) if row.get("hash")}
+    except sqlite3.Error as exc:
+        raise database_error(getattr(db, "filename", "?"), exc) from exc
 
 
 @dataclass
@@ -96,21 +137,50 @@ def frame_from_atoms(atoms: Atoms, **meta) -> Frame:
 
 
 def read_frames(path: str | Path, selection=None) -> list[Frame]:
-    """All labelled rows of a database (or an ASE-readable file such as .traj / extxyz)."""
+    """All labelled rows of a database (or an ASE-readable file such as .traj / extxyz).
+
+    Raises FileNotFoundError for a missing path and :class:`DatasetError` (naming the file, and the row
+    or frame) for a folder, an empty file, a file that is not a database or not readable, or a structure
+    without labels."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"dataset {path} does not exist")
+    if path.is_dir():
+        raise DatasetError(f"dataset {path} is a folder, not a database or structure file")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"dataset {path} is an empty file (no structures)")
     if path.suffix == ".db":
         db = connect(path)
         frames = []
-        for row in db.select(selection):
-            atoms = row.toatoms(add_additional_information=False)
-            frames.append(frame_from_atoms(atoms, hash=row.get("hash", ""), origin=row.get("origin", ""),
-                                           cluster=row.get("cluster", "")))
+        try:
+            for row in db.select(selection):
+                atoms = row.toatoms(add_additional_information=False)
+                try:
+                    frames.append(frame_from_atoms(atoms, hash=row.get("hash", ""), origin=row.get("origin", ""),
+                                                   cluster=row.get("cluster", "")))
+                except ValueError as exc:
+                    raise DatasetError(f"dataset {path} row {row.id}: {exc}") from None
+        except sqlite3.Error as exc:
+            raise database_error(path, exc) from None
         return frames
     from ase.io import read
 
-    return [frame_from_atoms(a) for a in read(str(path), index=":")]
+    try:
+        images = read(str(path), index=":")
+    except Exception as exc:  # ASE raises many kinds for a malformed file
+        from ipi_inputs.files import xyz_problem
+
+        problem = xyz_problem(path) if path.suffix.lower() in (".xyz", ".extxyz") else None
+        raise DatasetError(problem or f"dataset {path} cannot be read: {' '.join(str(exc).split())}") from None
+    frames = []
+    for i, atoms in enumerate(images):
+        try:
+            frames.append(frame_from_atoms(atoms))
+        except ValueError as exc:
+            raise DatasetError(f"dataset {path} frame {i}: {exc}") from None
+        except Exception as exc:  # ASE's PropertyNotImplementedError and kin: energy or forces missing
+            raise DatasetError(f"dataset {path} frame {i}: no energy/forces labels ({type(exc).__name__})") from None
+    return frames
 
 
 def split_train_validation(frames: list[Frame], seed: int = DEFAULT_SEED,

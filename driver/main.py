@@ -1,12 +1,12 @@
 """``nanosil-driver``: answer i-PI's force requests with the committee, over MPI ranks.
 
     mpirun -n K nanosil-driver --models MODELS_DIR --structure CLUSTER.xyz (--unix NAME | --inet HOST:PORT)
-        [--flag-endpoint tcp://127.0.0.1:5555] [--energy-threshold X | --force-threshold Y] [--upper-cap Z]
+        [--flag-endpoint tcp://127.0.0.1:5555] [--energy-threshold X | --force-threshold Y] [--trust-cap Z]
         [--run-id ID] [--threads 1]
 
-Also works without mpirun (one rank). Rank 0 speaks the i-PI protocol (:mod:`driver.ipi_client`),
-broadcasts positions and reduces the members' outputs (:mod:`driver.mpi_committee`); the reply and the
-flagging are those of the i-PI PES class (:mod:`driver.pes`, :mod:`driver.flagging`). i-PI never sends
+Also works without mpirun (one rank). Rank 0 speaks the i-PI protocol (:mod:`driver.ipi.client`),
+broadcasts positions and reduces the members' outputs (:mod:`driver.ipi.mpi_committee`); the reply and the
+flagging are those of the i-PI PES class (:mod:`driver.ipi.pes`, :mod:`driver.flagging`). i-PI never sends
 species: they come from ``--structure``, and every request's atom count is checked against it.
 
 Exit status: 0 after i-PI's EXIT; 1 when the socket drops or i-PI cannot be reached; 2 for bad input
@@ -18,6 +18,8 @@ import argparse
 import os
 import sys
 import time
+
+from ipi_inputs.files import SOCKETS_PREFIX
 
 PROG = "nanosil-driver"
 
@@ -47,8 +49,8 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--unix", metavar="NAME", help="i-PI UNIX socket name (i-PI listens on /tmp/ipi_NAME)")
     where.add_argument("--inet", metavar="HOST:PORT", help="i-PI TCP socket")
-    parser.add_argument("--sockets-prefix", default="/tmp/ipi_",
-                        help="prefix of UNIX socket paths, as i-PI's <simulation sockets_prefix> (default /tmp/ipi_)")
+    parser.add_argument("--sockets-prefix", default=SOCKETS_PREFIX,
+                        help=f"prefix of UNIX socket paths, as i-PI's <simulation sockets_prefix> (default {SOCKETS_PREFIX})")
     parser.add_argument("--connect-timeout", type=float, default=60.0,
                         help="seconds to wait for i-PI to start listening (default 60)")
     flags = parser.add_argument_group("flagging uncertain frames (driver.flagging)")
@@ -56,7 +58,7 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
                        help="flag frames whose calibrated energy std per atom exceeds this (eV/atom)")
     flags.add_argument("--force-threshold", type=float, metavar="EV_PER_A",
                        help="flag on the calibrated max force std instead (eV/Å); takes precedence")
-    flags.add_argument("--upper-cap", type=float,
+    flags.add_argument("--trust-cap", type=float,
                        help="at or above this value of the flagging measure the structure counts as exploded: "
                             "reported, never sent for labelling")
     flags.add_argument("--flag-endpoint", metavar="ZMQ_ENDPOINT",
@@ -65,7 +67,12 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
     flags.add_argument("--flag-file", default="flagged.extxyz", help="extxyz file for flagged frames without "
                        "an endpoint (default flagged.extxyz)")
     flags.add_argument("--allow-remote-flags", action="store_true",
-                       help="allow a non-loopback tcp:// flag endpoint (structures leave this machine)")
+                       help="allow a non-loopback tcp:// flag endpoint without --zmq-keys (structures leave "
+                            "this machine unencrypted)")
+    flags.add_argument("--zmq-keys", metavar="DIR",
+                       help="CurveZMQ keys folder (WORKDIR/zmq_keys from `python -m driver.flagging make-keys "
+                            "WORKDIR`): flagged frames are encrypted and authenticated, and the endpoint may be "
+                            "on another host")
     flags.add_argument("--run-id", default="", help="identifies this run in flagged messages (default: generated)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per rank (default 1: ranks x threads should not exceed the cores)")
@@ -80,7 +87,7 @@ def _setup(args):
     """Everything that can fail on bad input, done identically on every rank before MPI starts
     (cheap checks first: torch takes seconds to import)."""
     from driver.flagging import FlagConfig
-    from ipi_inputs.render import SocketAddress, read_cluster
+    from ipi_inputs.files import SocketAddress, read_cluster
 
     if args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
@@ -88,8 +95,8 @@ def _setup(args):
         raise UsageError(f"model folder {args.models} does not exist")
     atoms = read_cluster(args.structure)
     config = FlagConfig(energy_threshold=args.energy_threshold, force_threshold=args.force_threshold,
-                        upper_cap=args.upper_cap, endpoint=args.flag_endpoint, flag_file=args.flag_file,
-                        run_id=args.run_id, allow_remote=args.allow_remote_flags)
+                        trust_cap=args.trust_cap, endpoint=args.flag_endpoint, flag_file=args.flag_file,
+                        run_id=args.run_id, allow_remote=args.allow_remote_flags, zmq_keys=args.zmq_keys)
     if args.unix is not None:
         address = SocketAddress.unix(args.unix)
     else:
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {exc}")
         return 2
 
-    from driver.mpi_committee import MPICommittee
+    from driver.ipi.mpi_committee import MPICommittee
 
     mpi = MPICommittee(committee, atoms.numbers)
     if not mpi.is_leader:
@@ -130,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _lead(args, mpi, committee, atoms, config, address, say) -> int:
     from driver.flagging import Flagger
-    from driver.ipi_client import IPIClient, IPIDisconnected, IPIProtocolError, connect
-    from driver.pes import AtomCountMismatch, NanosilDriver
+    from driver.ipi.client import IPIClient, IPIDisconnected, IPIProtocolError, connect
+    from driver.ipi.pes import AtomCountMismatch, NanosilDriver
 
     flagger = client = None
     try:

@@ -8,7 +8,12 @@ with lambda_E = 1 and lambda_F = 10 Å^2; dipole members minimise (1/3)|mu - mu^
 learning rate decaying linearly to zero over ``epochs``, early stopping on the validation loss (the best
 weights are kept) and optional warm start from an earlier committee. Every member has its own seed and its
 own random subsample (or bootstrap) of the training split; members train in parallel processes, with torch
-threads set so that processes x threads never exceeds the cores.
+threads set so that processes x threads never exceeds the cores. Each member reports its progress (epoch,
+losses, validation errors, elapsed time and ETA) on stderr, see ``TrainConfig.log_every``.
+
+A training step costs a few times the GEMMs of the atomic network (``bench/model_speed.py`` measures both):
+the forces and their weight gradients are computed without autograd's generic double backward where it is
+costly (:func:`_energy_and_forces`), and the data are stacked once per member (:class:`_Packed`).
 
 After training, calibration scales alpha_E and alpha_F are fitted on the validation split so that the
 committee's standard deviations match its actual errors: alpha = sqrt(mean(err^2 / sigma^2)).
@@ -29,7 +34,9 @@ import torch
 from .data import DEFAULT_SEED, Frame, read_frames, split_train_validation
 from .models.committee import (Committee, ModelConfig, _dipole_model, _energy_model, load_committee,
                                save_committee)
-from .models.geometry import Batch, make_batch
+from .models.energy_model import EnergyModel
+from .models.gaussian_moments import MomentForces, pair_terms
+from .models.geometry import Batch
 
 
 @dataclass
@@ -55,7 +62,11 @@ class TrainConfig:
     workers: int | None = None         # parallel processes (default: min(members, cores))
     warm_start: str | None = None      # an earlier committee folder: members start from its weights
     max_minutes: float | None = None   # wall-clock limit per member
-    log_every: int = 20                # epochs between progress lines
+    # Progress: one line per member every log_every epochs (0: every ~10 % of the epochs) or every
+    # log_seconds, whichever comes first, to "stderr", "stdout" or "off".
+    log_every: int = 0
+    log_seconds: float = 30.0
+    progress: str = "stderr"
     model: dict = field(default_factory=dict)  # ModelConfig fields (sizes, species, cutoffs)
 
     def __post_init__(self):
@@ -63,6 +74,8 @@ class TrainConfig:
             raise ValueError(f"committee size must be 1-8, got {self.committee}")
         if self.dipole_members < 0:
             raise ValueError("dipole_members must be >= 0")
+        if self.progress not in ("stderr", "stdout", "off"):
+            raise ValueError(f"progress must be 'stderr', 'stdout' or 'off', got {self.progress!r}")
 
 
 # ------------------------------------------------------------------ data as tensors
@@ -105,22 +118,58 @@ def _batches(items: list[int], sizes: list[int], batch_size: int, rng: np.random
 
 @dataclass
 class _Tensors:
+    """A data split as arrays (what travels to a member process)."""
     index: list[np.ndarray]
     positions: list[np.ndarray]
     energy: np.ndarray        # shift removed, eV
     forces: list[np.ndarray]
     dipole: list[np.ndarray | None]
 
-    def batch(self, ids, dtype=torch.float32):
-        b = make_batch([self.index[i] for i in ids], [self.positions[i] for i in ids], dtype=dtype)
-        n = b.species.shape[1]
-        forces = torch.zeros(len(ids), n, 3, dtype=dtype)
-        for k, i in enumerate(ids):
-            forces[k, : len(self.index[i])] = torch.as_tensor(self.forces[i], dtype=dtype)
-        energy = torch.as_tensor(self.energy[ids], dtype=dtype)
-        dip = [self.dipole[i] for i in ids]
-        dipole = torch.as_tensor(np.array(dip), dtype=dtype) if all(d is not None for d in dip) else None
-        return b, energy, forces, dipole
+
+@dataclass
+class _Batch:
+    structures: Batch
+    energy: torch.Tensor           # (B,) eV, shift removed
+    forces: torch.Tensor           # (B, N, 3) eV/Å
+    dipole: torch.Tensor | None    # (B, 3) e·Å, None unless every structure has one
+    n_atoms: torch.Tensor          # (B,)
+
+
+class _Packed:
+    """A data split stacked once per atom count, in the training dtype. The batches of :func:`_batches` hold
+    structures of one atom count, so a batch is one ``index_select`` per field: no padding loop, no numpy
+    conversion, every step."""
+
+    def __init__(self, data: _Tensors, dtype=torch.float32):
+        self.n_structures = len(data.energy)
+        self.slot: list[tuple[int, int]] = []          # structure -> (atom count, row in its group)
+        by_size: dict[int, list[int]] = {}
+        for i, ix in enumerate(data.index):
+            rows = by_size.setdefault(len(ix), [])
+            self.slot.append((len(ix), len(rows)))
+            rows.append(i)
+        as_t = lambda arrays, dt=dtype: torch.as_tensor(np.stack(arrays), dtype=dt)
+        self.groups = {}
+        for n, ids in by_size.items():
+            dipoles = [data.dipole[i] for i in ids]
+            self.groups[n] = dict(species=as_t([data.index[i] for i in ids], torch.long),
+                                  positions=as_t([data.positions[i] for i in ids]),
+                                  forces=as_t([data.forces[i] for i in ids]),
+                                  energy=torch.as_tensor(data.energy[ids], dtype=dtype),
+                                  dipole=None if any(d is None for d in dipoles) else as_t(dipoles))
+
+    def sizes(self) -> list[int]:
+        return [n for n, _ in self.slot]
+
+    def batch(self, ids) -> _Batch:
+        n = self.slot[ids[0]][0]
+        if any(self.slot[i][0] != n for i in ids):
+            raise ValueError("a training batch must hold structures of one atom count (see _batches)")
+        rows = torch.tensor([self.slot[i][1] for i in ids])
+        take = lambda key: None if self.groups[n][key] is None else self.groups[n][key].index_select(0, rows)
+        species = take("species")
+        return _Batch(Batch(species, take("positions"), species >= 0), take("energy"), take("forces"),
+                      take("dipole"), torch.full((len(ids),), n))
 
 
 def _tensors(frames, species, shift) -> _Tensors:
@@ -130,68 +179,274 @@ def _tensors(frames, species, shift) -> _Tensors:
                     [f.dipole for f in frames])
 
 
+# ------------------------------------------------------------------ energies and forces for a force loss
+def _silu_and_derivatives(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """silu(z), silu'(z) and silu''(z)."""
+    sig = torch.sigmoid(z)
+    one_minus = 1.0 - sig
+    h = z * sig
+    d1 = sig + h * one_minus                                  # sig (1 + z (1 - sig))
+    d2 = sig * one_minus * (2.0 + z * (one_minus - sig))      # sig (1 - sig) (2 + z (1 - 2 sig))
+    return h, d1, d2
+
+
+class _AtomicNetwork(torch.autograd.Function):
+    """The SiLU network of :class:`EnergyModel` (stacked layers y = gain x W + b) for training on forces:
+    returns each atom's output o (K, M) and its input gradient J = do/dx (K, M, F) from one forward, and its
+    backward, written out, gives the gradient of any loss of (o, J) w.r.t. x and the weights with exactly
+    the GEMMs of the double backward (two per GEMM of the input gradient, two per layer) and a handful of
+    elementwise terms, where autograd's double backward of silu records several times as many operations.
+    ``params`` alternate weight, bias, layer by layer."""
+
+    @staticmethod
+    def forward(ctx, x, gains, *params):
+        weights, biases = params[0::2], params[1::2]
+        acts, d1s, d2s = [x], [], []
+        for w, b, gain in zip(weights[:-1], biases[:-1], gains[:-1]):
+            h, d1, d2 = _silu_and_derivatives(torch.baddbmm(b, acts[-1], w, alpha=gain))
+            acts.append(h)
+            d1s.append(d1)
+            d2s.append(d2)
+        out = torch.baddbmm(biases[-1], acts[-1], weights[-1], alpha=gains[-1])[..., 0]
+        # input gradient, layer by layer down: u_l = dO/dh_l, delta_l = dO/dz_l = silu'(z_l) u_l
+        u = (gains[-1] * weights[-1].transpose(1, 2)).expand(-1, x.shape[1], -1)
+        us, deltas = [None] * len(d1s), [None] * len(d1s)
+        for layer in range(len(d1s) - 1, -1, -1):
+            us[layer], deltas[layer] = u, d1s[layer] * u
+            u = torch.bmm(deltas[layer], weights[layer].transpose(1, 2)).mul_(gains[layer])
+        ctx.gains, ctx.n_hidden = gains, len(d1s)
+        ctx.save_for_backward(*acts, *d1s, *d2s, *us, *deltas, *weights)
+        return out, u
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_j):
+        n, g = ctx.n_hidden, ctx.gains
+        saved = ctx.saved_tensors
+        acts, d1s, d2s = saved[:n + 1], saved[n + 1:2 * n + 1], saved[2 * n + 1:3 * n + 1]
+        us, deltas, weights = saved[3 * n + 1:4 * n + 1], saved[4 * n + 1:5 * n + 1], saved[5 * n + 1:]
+        grad_w, grad_b, grad_z = [None] * (n + 1), [None] * (n + 1), [None] * n
+        # 1. up the input-gradient chain J = g_1 delta_1 W_1^T: cotangents of delta_l (d_hat) and u_l
+        if n == 0:  # no hidden layer: J = g_out w_out^T for every atom
+            grad_w[0] = grad_j.sum(1)[..., None].mul_(g[0])
+        else:
+            grad_w[0] = torch.bmm(grad_j.transpose(1, 2), deltas[0]).mul_(g[0])
+            d_hat = torch.bmm(grad_j, weights[0]).mul_(g[0])
+        for layer in range(n):
+            u_hat = d1s[layer] * d_hat
+            grad_z[layer] = us[layer] * d_hat * d2s[layer]           # through silu'(z_l)
+            if layer + 1 < n:  # u_l = g_{l+1} delta_{l+1} W_{l+1}^T
+                grad_w[layer + 1] = torch.bmm(u_hat.transpose(1, 2), deltas[layer + 1]).mul_(g[layer + 1])
+                d_hat = torch.bmm(u_hat, weights[layer + 1]).mul_(g[layer + 1])
+            else:              # u_n = g_out w_out^T, the same for every atom
+                grad_w[n] = u_hat.sum(1)[..., None].mul_(g[n])
+        # 2. down the forward chain, with the output's cotangent and the terms of step 1
+        grad_out = grad_out[..., None]
+        grad_w[n].baddbmm_(acts[n].transpose(1, 2), grad_out, alpha=g[n])
+        grad_b[n] = grad_out.sum(1, keepdim=True)
+        h_hat = grad_out * (g[n] * weights[n].transpose(1, 2))
+        for layer in range(n - 1, -1, -1):
+            z_hat = h_hat.mul_(d1s[layer]).add_(grad_z[layer])
+            grad_w[layer].baddbmm_(acts[layer].transpose(1, 2), z_hat, alpha=g[layer])
+            grad_b[layer] = z_hat.sum(1, keepdim=True)
+            if layer > 0 or ctx.needs_input_grad[0]:
+                h_hat = torch.bmm(z_hat, weights[layer].transpose(1, 2)).mul_(g[layer])
+        grads = [h_hat if ctx.needs_input_grad[0] else None, None]
+        for w, b in zip(grad_w, grad_b):
+            grads += [w, b]
+        return tuple(grads)
+
+
+def _energy_and_forces(model: EnergyModel, batch: Batch, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Energies (B,) eV and forces (B, N, 3) eV/Å of a one-member energy model, differentiable in the weights
+    when ``create_graph``. The same numbers as autograd through ``model`` (tested), for a fraction of the
+    operations: the pair terms depend on the positions alone (data), so they are computed once without a
+    graph and the forces come from their hand-written VJP (:class:`MomentForces`, whose backward is the JVP);
+    the atomic network is one :class:`_AtomicNetwork`; autograd differentiates twice only the invariants
+    and the radial contraction."""
+    desc = model.descriptor
+    if model.n_members != 1:
+        raise ValueError("training works on one member at a time")
+    with torch.no_grad():
+        moments, terms = pair_terms(batch.positions, batch.species, batch.mask, desc.n_species,
+                                    desc.basis.centres.to(batch.positions.dtype), desc.basis.beta, desc.cutoff)
+    coefficients = desc.centre_coefficients(batch.species)                       # (1, B, N, Q, n_radial)
+    psi = torch.einsum("kbiqs,biqm->kbism", coefficients, moments)
+    if not psi.requires_grad:  # frozen descriptor: forces still need dE/dpsi
+        psi.requires_grad_(True)
+    feats = desc.features_from_moments(psi)                                       # (1, B, N, F)
+    k, b, n, f = feats.shape
+    x = (feats.reshape(k, b * n, f) - model.feature_mean) / model.feature_std
+    layers = model.layers
+    params = [t for layer in layers for t in (layer.weight, layer.bias)]
+    out, d_out = _AtomicNetwork.apply(x, tuple(layer.gain for layer in layers), *params)
+    scale = model.atomic_scale[:, batch.species.clamp(min=0)] * batch.mask       # (1, B, N)
+    energy = (out.reshape(k, b, n) * scale).sum(-1)
+    d_feats = (d_out / model.feature_std).reshape(k, b, n, f) * scale[..., None]  # dE/dG
+    (d_psi,) = torch.autograd.grad(feats, psi, d_feats, create_graph=create_graph)
+    d_moments = torch.einsum("kbiqs,kbism->biqm", coefficients, d_psi)
+    return energy[0], -MomentForces.apply(d_moments, terms)
+
+
 # ------------------------------------------------------------------ one member
-def _energy_loss(model, data: _Tensors, ids, cfg: TrainConfig, create_graph: bool):
-    b, e_ref, f_ref, _ = data.batch(ids)
-    pos = b.positions.requires_grad_(True)
-    e = model(b)[0]
-    (g,) = torch.autograd.grad(e.sum(), pos, create_graph=create_graph)
-    n = b.mask.sum(-1)
-    f_err = ((-g - f_ref) ** 2).sum((-1, -2)) / (3 * n)
-    return (cfg.lambda_energy * (e - e_ref) ** 2 + cfg.lambda_forces * f_err).mean()
+def _energy_loss(model, data: _Packed, ids, cfg: TrainConfig, create_graph: bool):
+    b = data.batch(ids)
+    e, f = _energy_and_forces(model, b.structures, create_graph)
+    f_err = ((f - b.forces) ** 2).sum((-1, -2)) / (3 * b.n_atoms)
+    return (cfg.lambda_energy * (e - b.energy) ** 2 + cfg.lambda_forces * f_err).mean()
 
 
-def _dipole_loss(model, data: _Tensors, ids, total_charge: float):
-    b, _, _, mu_ref = data.batch(ids)
-    mu = model(b, total_charge)[0]
-    return ((mu - mu_ref) ** 2).mean()
+def _dipole_loss(model, data: _Packed, ids, total_charge: float):
+    b = data.batch(ids)
+    mu = model(b.structures, total_charge)[0]
+    return ((mu - b.dipole) ** 2).mean()
+
+
+@torch.no_grad()
+def _dipole_mae_D(model, data: _Packed, batches, total_charge: float) -> dict:
+    err = torch.cat([(model(b.structures, total_charge)[0] - b.dipole).abs().reshape(-1)
+                     for b in map(data.batch, batches)])
+    return {"dipole_mae_D": float(err.mean()) * DEBYE_PER_E_A}
+
+
+def _energy_mae(model, data: _Packed, batches) -> dict:
+    """Validation MAE of the energy per atom (meV/atom) and of the force components (eV/Å)."""
+    de, df = [], []
+    for b in map(data.batch, batches):
+        e, f = _energy_and_forces(model, b.structures, create_graph=False)
+        de.append(((e - b.energy) / b.n_atoms).detach().abs() * 1000)
+        df.append((f - b.forces).detach().abs().reshape(-1))
+    return {"energy_mae_meV_per_atom": float(torch.cat(de).mean()), "force_mae_eV_per_A": float(torch.cat(df).mean())}
+
+
+def _train_step(loss_fn, ids, data: _Packed, params: list, opt: torch.optim.Optimizer) -> float:
+    """One optimiser step on the batch ``ids``; returns its loss."""
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(ids, data, True)
+    torch.autograd.backward(loss, inputs=params)  # the weights only: positions are data, they need no gradient
+    opt.step()
+    return float(loss.detach())
+
+
+def _adam(params, lr: float) -> torch.optim.Optimizer:
+    """Adam; the fused kernel where this torch has it (one pass over the weights instead of a dozen)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # pragma: no cover - older torch
+        return torch.optim.Adam(params, lr=lr)
+
+
+class _Progress:
+    """A member's progress lines: every ``log_every`` epochs (0: ~10 % of them) or after ``log_seconds``,
+    whichever comes first, plus the last. Each line is one ``os.write`` of one whole line, so members that
+    train in parallel processes never interleave mid-line, and each names its member."""
+
+    def __init__(self, name: str, cfg: TrainConfig, start: float):
+        self.name, self.cfg, self.start = name, cfg, start
+        self.every = cfg.log_every if cfg.log_every > 0 else max(1, math.ceil(cfg.epochs / 10))
+        self.last = start
+
+    def due(self, epoch: int, now: float) -> bool:
+        if self.cfg.progress == "off":
+            return False
+        return ((epoch + 1) % self.every == 0 or epoch == 0 or epoch == self.cfg.epochs - 1
+                or (self.cfg.log_seconds > 0 and now - self.last >= self.cfg.log_seconds))
+
+    def eta_s(self, epoch: int, now: float) -> float:
+        """Seconds left if training runs to the last epoch (early stopping can end it sooner)."""
+        elapsed = now - self.start
+        left = elapsed / (epoch + 1) * (self.cfg.epochs - epoch - 1)
+        if self.cfg.max_minutes:
+            left = min(left, max(0.0, 60 * self.cfg.max_minutes - elapsed))
+        return left
+
+    def epoch_line(self, epoch: int, train_loss: float, val: dict, best: float, best_epoch: int, lr: float,
+                   now: float) -> None:
+        if "dipole_mae_D" in val:
+            errors = f"val mu {val['dipole_mae_D']:.4f} D"
+        else:
+            errors = (f"val E {val['energy_mae_meV_per_atom']:.3f} meV/atom "
+                      f"F {val['force_mae_eV_per_A']:.4f} eV/Å")
+        self.write(f"epoch {epoch + 1}/{self.cfg.epochs} train loss {train_loss:.3e} {errors} "
+                   f"(val loss {val['loss']:.3e}, best {best:.3e} at epoch {best_epoch + 1}) lr {lr:.1e} "
+                   f"{now - self.start:.0f} s ETA {self.eta_s(epoch, now):.0f} s")
+        self.last = now
+
+    def write(self, text: str) -> None:
+        if self.cfg.progress == "off":
+            return
+        stream = sys.stderr if self.cfg.progress == "stderr" else sys.stdout
+        line = f"[{self.name}] {text}\n"
+        try:
+            stream.flush()
+            os.write(stream.fileno(), line.encode())
+        except (AttributeError, OSError, ValueError):  # a stream without a file descriptor (captured)
+            stream.write(line)
+            stream.flush()
+
+
+def _member_model(task: dict, train: _Packed, pick: list[int]):
+    """The member's model, initial learning rate and loss function ``loss(ids, data, create_graph)``."""
+    cfg: TrainConfig = task["cfg"]
+    mcfg: ModelConfig = task["model_config"]
+    if task["kind"] == "energy":
+        model, lr0 = _energy_model(mcfg, 1), cfg.lr
+        # looked up at call time: bench/training_schedule.py wraps _energy_loss to follow the epochs
+        loss_fn = lambda ids, d, g: _energy_loss(model, d, ids, cfg, g)
+    else:
+        model, lr0 = _dipole_model(mcfg, 1), cfg.lr_dipole
+        loss_fn = lambda ids, d, g: _dipole_loss(model, d, ids, mcfg.total_charge)
+    if task.get("warm_state") is not None:
+        model.load_state_dict(task["warm_state"])
+    elif task["kind"] == "energy":
+        model.fit_normalisation([train.batch(ids).structures for ids in _batches(pick, train.sizes(), 64, None)])
+        rms_f = math.sqrt(np.mean([np.mean(f**2) for f in task["train"].forces]))
+        with torch.no_grad():
+            model.atomic_scale.fill_(max(rms_f, 0.05))
+    return model, lr0, loss_fn
 
 
 def _train_member(task: dict) -> dict:
     """Train one member (runs in its own process)."""
     torch.set_num_threads(task["threads"])
     cfg: TrainConfig = task["cfg"]
-    mcfg: ModelConfig = task["model_config"]
     kind, k = task["kind"], task["member"]
-    torch.manual_seed(cfg.seed + 1 + k + (1000 if kind == "dipole" else 0))
-    rng = np.random.default_rng(cfg.seed + 1 + k + (1000 if kind == "dipole" else 0))
-    train, val = task["train"], task["val"]
-    n_train = len(train.energy)
+    seed = cfg.seed + 1 + k + (1000 if kind == "dipole" else 0)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    train, val = _Packed(task["train"]), _Packed(task["val"])
+    n_train = train.n_structures
     n_pick = max(1, int(round(cfg.subsample * n_train)))
     pick = (rng.integers(0, n_train, n_train) if cfg.bootstrap
             else rng.permutation(n_train)[:n_pick]).tolist()
-    sizes_t = [len(ix) for ix in train.index]
-    sizes_v = [len(ix) for ix in val.index]
-    if kind == "energy":
-        model = _energy_model(mcfg, 1)
-        lr0 = cfg.lr
-        loss_fn = lambda ids, d, g: _energy_loss(model, d, ids, cfg, g)
-    else:
-        model = _dipole_model(mcfg, 1)
-        lr0 = cfg.lr_dipole
-        loss_fn = lambda ids, d, g: _dipole_loss(model, d, ids, mcfg.total_charge)
-    if task.get("warm_state") is not None:
-        model.load_state_dict(task["warm_state"])
-    elif kind == "energy":
-        model.fit_normalisation([train.batch(ids)[0] for ids in _batches(pick, sizes_t, 64, None)])
-        rms_f = math.sqrt(np.mean([np.mean(f**2) for f in train.forces]))
-        with torch.no_grad():
-            model.atomic_scale.fill_(max(rms_f, 0.05))
-    opt = torch.optim.Adam(model.parameters(), lr=lr0)
-    val_batches = _batches(list(range(len(val.energy))), sizes_v, 32, None)
+    sizes_t = train.sizes()
+    model, lr0, loss_fn = _member_model(task, train, pick)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _adam(params, lr0)
+    val_batches = _batches(list(range(val.n_structures)), val.sizes(), 32, None)
 
     def val_loss():
         if not val_batches:
             return float("nan")
-        total, count = 0.0, 0
+        total = 0.0
         for ids in val_batches:
             with torch.set_grad_enabled(kind == "energy"):
                 total += float(loss_fn(ids, val, False).detach()) * len(ids)
-            count += len(ids)
-        return total / count
+        return total / val.n_structures
+
+    def val_errors(loss: float) -> dict:
+        if not val_batches:
+            nan = float("nan")
+            errors = {"dipole_mae_D": nan} if kind == "dipole" else {"energy_mae_meV_per_atom": nan,
+                                                                     "force_mae_eV_per_A": nan}
+        elif kind == "dipole":
+            errors = _dipole_mae_D(model, val, val_batches, task["model_config"].total_charge)
+        else:
+            errors = _energy_mae(model, val, val_batches)
+        return dict(errors, loss=loss)
 
     best, best_state, best_epoch = math.inf, None, 0
     start = time.time()
+    progress = _Progress(f"{kind} member {k}", cfg, start)
     history = []
     parent = task.get("parent_pid")
     for epoch in range(cfg.epochs):
@@ -203,27 +458,25 @@ def _train_member(task: dict) -> dict:
             group["lr"] = lr
         train_total = 0.0
         for ids in _batches(pick, sizes_t, cfg.batch_size, rng):
-            opt.zero_grad()
-            loss = loss_fn(ids, train, True)
-            loss.backward()
-            opt.step()
-            train_total += float(loss.detach()) * len(ids)
+            train_total += _train_step(loss_fn, ids, train, params, opt) * len(ids)
         v = val_loss()
         history.append((epoch, train_total / len(pick), v))
         if not (v >= best):  # also true for the first NaN-free value
             best, best_epoch = v, epoch
             best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
-        if epoch % cfg.log_every == 0 or epoch == cfg.epochs - 1:
-            print(f"[{kind} member {k}] epoch {epoch:4d}/{cfg.epochs} train {train_total / len(pick):.3e} "
-                  f"val {v:.3e} best {best:.3e}@{best_epoch} lr {lr:.1e}", flush=True)
+        now = time.time()
+        if progress.due(epoch, now):
+            progress.epoch_line(epoch, train_total / len(pick), val_errors(v), best, best_epoch, lr, now)
         if epoch - best_epoch >= cfg.patience:
-            print(f"[{kind} member {k}] early stop at epoch {epoch} (best {best:.3e} at {best_epoch})", flush=True)
+            progress.write(f"early stop at epoch {epoch + 1} (best val loss {best:.3e} at epoch {best_epoch + 1})")
             break
-        if cfg.max_minutes and (time.time() - start) > 60 * cfg.max_minutes:
-            print(f"[{kind} member {k}] time limit at epoch {epoch}", flush=True)
+        if cfg.max_minutes and (now - start) > 60 * cfg.max_minutes:
+            progress.write(f"time limit at epoch {epoch + 1}")
             break
     if best_state is None:
         best_state = model.state_dict()
+    progress.write(f"done: {len(history)} epochs in {time.time() - start:.0f} s, best val loss {best:.3e} "
+                   f"at epoch {best_epoch + 1}")
     return {"kind": kind, "member": k, "state": best_state, "best_val": best, "best_epoch": best_epoch,
             "epochs_run": len(history), "seconds": time.time() - start}
 

@@ -14,107 +14,27 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from ase import Atoms, units
 from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
 
-from spectra.spectrum import atomic_write_text as _write_atomic
+from spectra.atomic import write_text
+
+from .files import AU_VELOCITY, SocketAddress, read_cluster
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
 TEMPLATES = ("al_sampling", "production_nvt", "production_nve")
-TIMESTEP_FS = 0.5                       # the timestep written in every template
-AL_MAX_STEPS = int(5000 / TIMESTEP_FS)  # active-learning sampling runs at most 5 ps
+TIMESTEP_FS = 0.5                       # default MD time step (fs)
+AL_MAX_PS = 5.0                         # active-learning sampling runs at most 5 ps (the paper)
+AL_MAX_STEPS = int(AL_MAX_PS * 1000 / TIMESTEP_FS)
+IPI_LATENCY_S = 1e-3                    # i-PI's force-field polling interval (i-PI's default: 1e-4 s)
+CHECKPOINT_STEPS = {"al_sampling": 200, "production_nvt": 1000, "production_nve": 1000}
 DEFAULT_BOX = 50.0                      # Å, minimum box side; grown for big clusters
 BOX_MARGIN = 30.0                       # Å added to the cluster's extent
 DEFAULT_TIMEOUT = 300.0                 # s before i-PI declares a silent driver dead
 _PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
-# i-PI reads an xyz comment line for units; such a file is read the way i-PI would read it
-_IPI_HEADER = re.compile(r"CELL[\(\[\{](abcABC|H|GENH)[\)\]\}]|\b(positions|cell)\{[A-Za-z_]*\}")
-# velocity: i-PI atomic unit (bohr per atomic time unit) in ASE units (Å per ASE time unit)
-_AU_VELOCITY = units.Bohr / (units._aut * units.second)
-
-
-@dataclass(frozen=True)
-class SocketAddress:
-    """Where i-PI listens: a UNIX socket NAME (i-PI creates ``/tmp/ipi_NAME``) or HOST:PORT over TCP."""
-
-    mode: str          # "unix" or "inet"
-    address: str       # socket name (unix) or host (inet)
-    port: int = 65535  # unused for unix sockets
-
-    @classmethod
-    def parse(cls, spec: "str | SocketAddress") -> "SocketAddress":
-        """``unix:NAME``, ``inet:HOST:PORT``, ``HOST:PORT`` (inet) or a bare ``NAME`` (unix)."""
-        if isinstance(spec, SocketAddress):
-            return spec
-        text = str(spec).strip()
-        if text.startswith("unix:"):
-            return cls.unix(text[5:])
-        if text.startswith("inet:"):
-            text = text[5:]
-        elif ":" not in text:
-            return cls.unix(text)
-        host, _, port = text.rpartition(":")
-        try:
-            port_number = int(port)
-        except ValueError:
-            raise ValueError(f"socket address {spec!r}: port {port!r} is not a number") from None
-        if not host or not 1 <= port_number <= 65535:
-            raise ValueError(f"socket address {spec!r}: expected HOST:PORT with a port in 1..65535")
-        return cls("inet", host.strip("[]"), port_number)
-
-    @classmethod
-    def unix(cls, name: str) -> "SocketAddress":
-        if not name or "/" in name or any(c.isspace() for c in name):
-            raise ValueError(f"UNIX socket name {name!r}: give a plain name (i-PI makes /tmp/ipi_NAME)")
-        return cls("unix", name)
-
-    def __str__(self) -> str:
-        return f"unix:{self.address}" if self.mode == "unix" else f"{self.address}:{self.port}"
-
-
-def read_cluster(path: str | os.PathLike) -> Atoms:
-    """Read a cluster (last frame) in Å. An xyz file with an i-PI comment line (``# CELL(abcABC): ...
-    positions{angstrom}``) is read with i-PI's own rules, i.e. in Bohr unless its header says otherwise,
-    so a file means the same here as in i-PI; any other file is read by ASE (Å)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"structure file {path} does not exist")
-    if path.suffix.lower() == ".xyz":
-        with open(path) as f:
-            f.readline()
-            comment = f.readline()
-        if _IPI_HEADER.search(comment):
-            return _read_ipi_xyz(path)
-    from ase.io import read
-
-    try:
-        atoms = read(path, index=-1)
-    except Exception as exc:  # ASE raises many kinds; the user needs the file name and the reason
-        raise ValueError(f"cannot read structure file {path}: {exc}") from None
-    if len(atoms) == 0:
-        raise ValueError(f"structure file {path} contains no atoms")
-    return atoms
-
-
-def _read_ipi_xyz(path: Path) -> Atoms:
-    from ipi.utils.io import iter_file
-
-    frame = None
-    try:
-        with open(path) as f:
-            for frame in iter_file("xyz", f):
-                pass
-    except Exception as exc:
-        raise ValueError(f"cannot read i-PI xyz file {path}: {exc}") from None
-    if frame is None:
-        raise ValueError(f"structure file {path} contains no atoms")
-    atoms = frame["atoms"]
-    positions = np.asarray(atoms.q, dtype=float).reshape(-1, 3) * units.Bohr
-    return Atoms(symbols=list(atoms.names), positions=positions)
 
 
 def thermostat_temperature(temperature: float, atoms: Atoms) -> float:
@@ -188,7 +108,9 @@ def _ipi_xyz(symbols, values: np.ndarray, box: float, quantity: str, unit: str) 
 def render_input(template: str, workdir: str | os.PathLike, *, socket: "str | SocketAddress", steps: int,
                  seed: int, temperature: float | None = None, structure: "Atoms | str | os.PathLike | None" = None,
                  checkpoint: str | os.PathLike | None = None, prefix: str = "simulation",
-                 velocities: str = "auto", box: float | None = None, timeout: float = DEFAULT_TIMEOUT) -> Path:
+                 velocities: str = "auto", box: float | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 timestep_fs: float = TIMESTEP_FS, checkpoint_steps: int | None = None, dipole_flush: int = 100,
+                 latency_s: float = IPI_LATENCY_S) -> Path:
     """Write ``<workdir>/<prefix>.xml`` from template ``al_sampling`` | ``production_nvt`` | ``production_nve``.
 
     - ``socket``: see :meth:`SocketAddress.parse` (``unix:NAME`` or ``HOST:PORT``).
@@ -199,6 +121,10 @@ def render_input(template: str, workdir: str | os.PathLike, *, socket: "str | So
       ``temperature``, ``"keep"`` uses those the structure carries, ``"auto"`` keeps them when present.
     - ``checkpoint`` (``production_nve``): an i-PI checkpoint of an equilibrated run.
     - ``steps``, ``seed``, ``prefix`` (output files ``<prefix>.out`` ...), ``timeout`` (s, hung driver).
+    - ``timestep_fs``; ``checkpoint_steps`` (default per template, :data:`CHECKPOINT_STEPS`); ``dipole_flush``
+      (steps between flushes of the dipole file: 1 keeps it never behind a checkpoint, for resuming);
+      ``latency_s``: i-PI's force-field thread sleeps this long between polls, also while the integrator
+      works: at i-PI's 1e-4 s, many i-PI processes waiting on one batched driver wake 10^4 times a second each.
     """
     if template.endswith(".xml"):
         template = template[:-4]
@@ -211,9 +137,16 @@ def render_input(template: str, workdir: str | os.PathLike, *, socket: "str | So
         raise ValueError(f"output prefix {prefix!r}: use letters, digits and _.+- only")
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if template == "al_sampling" and steps > AL_MAX_STEPS:
-        raise ValueError(f"al_sampling runs at most 5 ps ({AL_MAX_STEPS} steps of {TIMESTEP_FS} fs), "
-                         f"got {steps} steps")
+    if not 0 < timestep_fs <= 5:
+        raise ValueError(f"timestep_fs must be in (0, 5] fs for MD with O and Mg, got {timestep_fs!r}")
+    if template == "al_sampling" and steps * timestep_fs > AL_MAX_PS * 1000 * (1 + 1e-9):
+        raise ValueError(f"al_sampling runs at most {AL_MAX_PS:g} ps, got {steps} steps of {timestep_fs:g} fs")
+    checkpoint_steps = CHECKPOINT_STEPS[template] if checkpoint_steps is None else checkpoint_steps
+    for name, value in (("checkpoint_steps", checkpoint_steps), ("dipole_flush", dipole_flush)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not latency_s > 0:
+        raise ValueError(f"latency_s must be positive, got {latency_s!r}")
     if int(seed) != seed or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2^32), got {seed!r}")
     if timeout <= 0:
@@ -221,7 +154,9 @@ def render_input(template: str, workdir: str | os.PathLike, *, socket: "str | So
 
     values = {"PREFIX": prefix, "STEPS": str(int(steps)), "SEED": str(int(seed)),
               "SOCKET_MODE": address.mode, "ADDRESS": address.address, "PORT": str(address.port),
-              "TIMEOUT": f"{float(timeout):g}"}
+              "TIMEOUT": f"{float(timeout):g}", "TIMESTEP": repr(float(timestep_fs)),
+              "CHECKPOINT_STRIDE": str(int(checkpoint_steps)), "DIPOLE_FLUSH": str(int(dipole_flush)),
+              "LATENCY": repr(float(latency_s))}
     note = ""
     if template == "production_nve":
         if checkpoint is None:
@@ -249,11 +184,11 @@ def render_input(template: str, workdir: str | os.PathLike, *, socket: "str | So
             raise ValueError(f"box side {side} Å is too small for a cluster {extent:.1f} Å across")
         atoms.set_masses(_ipi_masses(atoms))
         positions = atoms.positions - atoms.get_center_of_mass() + side / 2
-        vel_au = start_velocities(atoms, temperature, seed, keep=keep) / _AU_VELOCITY
+        vel_au = start_velocities(atoms, temperature, seed, keep=keep) / AU_VELOCITY
         symbols = atoms.get_chemical_symbols()
         struct_file, vel_file = workdir / f"{prefix}.init.xyz", workdir / f"{prefix}.init_vel.xyz"
-        _write_atomic(struct_file, _ipi_xyz(symbols, positions, side, "positions", "angstrom"))
-        _write_atomic(vel_file, _ipi_xyz(symbols, vel_au, side, "velocities", "atomic_unit"))
+        write_text(struct_file, _ipi_xyz(symbols, positions, side, "positions", "angstrom"))
+        write_text(vel_file, _ipi_xyz(symbols, vel_au, side, "velocities", "atomic_unit"))
         t_ipi = thermostat_temperature(temperature, atoms)
         values.update({"STRUCTURE": struct_file.name, "VELOCITIES": vel_file.name, "BOX": f"{side:.5f}",
                        "TEMPERATURE": f"{t_ipi:.6f}"})
@@ -269,7 +204,26 @@ def render_input(template: str, workdir: str | os.PathLike, *, socket: "str | So
     text = _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
     header = f"<!-- rendered by ipi_inputs.render_input from {template}.xml: {note}; socket {address} -->\n"
     out = workdir / f"{prefix}.xml"
-    _write_atomic(out, header + text)
+    write_text(out, header + text)
+    return out
+
+
+def restart_input(checkpoint: str | os.PathLike, out: str | os.PathLike, socket_name: str) -> Path:
+    """An i-PI input that resumes ``checkpoint`` on UNIX socket ``socket_name`` (a resumed run gets a new
+    socket); the checkpoint is edited as XML, element by element."""
+    import xml.etree.ElementTree as ET
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    SocketAddress.unix(socket_name)  # checks the name
+    try:
+        tree = ET.parse(checkpoint)
+    except (ET.ParseError, OSError) as exc:
+        raise ValueError(f"i-PI checkpoint {checkpoint}: {exc}") from None
+    address = tree.getroot().find("ffsocket/address")
+    if address is None:
+        raise ValueError(f"i-PI checkpoint {checkpoint}: no <ffsocket><address>")
+    address.text = f" {socket_name} "
+    write_text(out, ET.tostring(tree.getroot(), encoding="unicode") + "\n")
     return out
 
 

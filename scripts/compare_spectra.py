@@ -48,7 +48,8 @@ def work(args) -> int:
     from spectra.broadening import broaden
     from spectra.compare import compare_harmonic, compare_spectra, normalized, read_comparable
     from spectra.harmonic import HarmonicIR
-    from spectra.spectrum import Spectrum, atomic_write_text
+    from spectra.atomic import write_text
+    from spectra.spectrum import Spectrum
 
     lo, hi = args.range
     if lo >= hi:
@@ -80,7 +81,7 @@ def work(args) -> int:
             print(f"{key:<24s} {figures[key]:.6g}")
     figures["labels"] = labels
     if args.json:
-        atomic_write_text(args.json, json.dumps(figures, indent=2) + "\n")
+        write_text(args.json, json.dumps(figures, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
         from spectra.plotting import plot_spectra

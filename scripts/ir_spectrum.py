@@ -6,7 +6,10 @@ Example:
 
 Writes a CSV with columns wavenumber_cm-1,wavelength_um,intensity,stderr: intensity = A(nu~) in km/mol per
 cm^-1 (a classical harmonic band integrates to its harmonic intensity in km/mol), mean over the files
-(independent runs), stderr = standard error of that mean (0 for one run).
+(independent runs), stderr = standard error of that mean (0 for one run): the sampling noise of the MD.
+With --committee-band, one per-member dipole file per run adds the column std_committee: the std over the
+dipole committee members of their spectra on the same trajectories, the model uncertainty of the dipole
+surface (not of the trajectory). The plot shows both bands, each labelled.
 """
 from __future__ import annotations
 
@@ -35,13 +38,22 @@ def build_parser() -> OneLineParser:
     p.add_argument("--units", choices=list(DIPOLE_UNIT_TO_EA), default=None,
                    help="dipole unit in the files: au = e*Bohr, eA = e*Angstrom, debye (default: au for i-PI files, eA otherwise)")
     p.add_argument("--format", choices=("auto",) + FORMATS, default="auto", help="file format (default: detected)")
-    p.add_argument("--window", choices=WINDOWS, default=d.window, help="window on the autocorrelation (default %(default)s)")
+    p.add_argument("--window", choices=WINDOWS, default=d.window,
+                   help="lag window on the autocorrelation (default %(default)s). parzen: non-negative spectrum, "
+                        "FWHM 2.55/(2 c depth) = 20.8 cm^-1 at 2048 fs; bartlett: non-negative, FWHM 14.4 cm^-1 "
+                        "but 4.7%% side lobes; hann: the paper's processing, FWHM 16.3 cm^-1, dips below zero "
+                        "beside strong bands; none: sharp cut, FWHM 9.8 cm^-1, side lobes -22%%")
     p.add_argument("--zero-padding", type=int, default=d.zero_padding,
                    help="transform length >= this x 2 x depth, power of two (default %(default)s)")
     p.add_argument("--quantum-correction", choices=QUANTUM_CORRECTIONS, default=d.quantum_correction,
                    help="quantum correction factor (default %(default)s)")
     p.add_argument("--max-wavenumber", type=float, default=None, metavar="CM-1",
                    help="write the CSV up to this wavenumber (default: up to the Nyquist frequency)")
+    p.add_argument("--committee-band", nargs="+", default=None, metavar="MEMBERS_FILE",
+                   help="per-member dipoles of the dipole committee on the same runs, one file per DIPOLE_FILE in "
+                        "the same order (i-PI extras of type dipole_members, or .npz with 'dipole_members' "
+                        "(n_members, n_frames, 3)); adds the std over members as column std_committee and a "
+                        "second band in the plot. Give it after the dipole files")
     p.add_argument("--out", required=True, metavar="SPECTRUM.csv", help="output CSV")
     p.add_argument("--plot", metavar="SPECTRUM.png", help="also plot the spectrum")
     p.add_argument("--plot-axis", choices=("wavenumber", "wavelength"), default="wavenumber",
@@ -51,8 +63,24 @@ def build_parser() -> OneLineParser:
     return p
 
 
+def read_committee(args, runs, fmt):
+    """The per-member dipole files of --committee-band, checked against their runs (same frames)."""
+    from spectra.io import check_same_trajectory, read_dipole_members
+
+    if len(args.committee_band) != len(runs):
+        raise ValueError(f"--committee-band: {len(args.committee_band)} member file(s) for {len(runs)} dipole "
+                         "file(s); give one per run, in the same order")
+    members = []
+    for run, path in zip(runs, args.committee_band):
+        series = read_dipole_members(path, args.timestep, units=args.units, fmt=fmt if fmt in ("ipi", "npz") else None)
+        check_same_trajectory(run, series)
+        print(f"read committee {path}: {series.n_members} dipole members, {series.n_frames} frames", flush=True)
+        members.append(series)
+    return members
+
+
 def work(args) -> int:
-    from spectra.autocorrelation import SpectrumOptions, md_ir_spectrum
+    from spectra.autocorrelation import SpectrumOptions, md_committee_spectrum, md_ir_spectrum, with_committee_band
     from spectra.io import read_dipoles
     from spectra.spectrum import write_spectrum_csv
 
@@ -66,19 +94,25 @@ def work(args) -> int:
         print(f"read {k}/{len(args.files)}: {path}: {run.n_frames} frames, {run.frame_interval_fs:g} fs apart "
               f"({run.duration_fs / 1000:.3g} ps)", flush=True)
         runs.append(run)
+    members = read_committee(args, runs, fmt) if args.committee_band else None
     spectrum = md_ir_spectrum(runs, args.temperature, options, progress=lambda line: print(line, flush=True))
+    if members is not None:
+        committee = md_committee_spectrum(members, args.temperature, options,
+                                          progress=lambda line: print(line, flush=True))
+        spectrum = with_committee_band(spectrum, committee)
     if args.max_wavenumber is not None:
         spectrum = spectrum.cropped(0.0, args.max_wavenumber)
     write_spectrum_csv(args.out, spectrum)
     print(f"wrote {args.out}: {len(spectrum.wavenumber)} points, spacing "
           f"{spectrum.wavenumber[1] - spectrum.wavenumber[0]:.4g} cm^-1, {spectrum.n_runs} run(s), "
-          f"total band area {spectrum.integral():.5g} km/mol")
+          f"total band area {spectrum.integral():.5g} km/mol"
+          + ("" if members is None else f", committee band of {members[0].n_members} dipole members"))
     if args.plot:
         from spectra.plotting import plot_spectra
 
         xlim = args.plot_range or ((0.0, 1500.0) if args.plot_axis == "wavenumber" else (5.0, 40.0))
         plot_spectra(args.plot, [spectrum], [f"{args.temperature:g} K, {spectrum.n_runs} run(s)"],
-                     axis=args.plot_axis, xlim=tuple(xlim))
+                     axis=args.plot_axis, xlim=tuple(xlim), label_bands=True)
         print(f"wrote {args.plot}")
     return 0
 

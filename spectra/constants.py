@@ -20,6 +20,10 @@ KM_MOL_PER_D2_A2_AMU: float = (
     * (units.Debye * units._e) ** 2 / units._amu / 1.0e3
 )
 
+#: hbar in eV per sqrt(eV/(Å^2 amu)): h*nu (eV) = HBAR_EV * sqrt(lambda) for an eigenvalue lambda of the
+#: mass-weighted Hessian in eV/(Å^2 amu) (the factor of ASE's Vibrations).
+HBAR_EV: float = units._hbar * 1e10 / math.sqrt(units._e * units._amu)
+
 #: 1 e^2/amu (a dipole derivative in e, squared, per amu) in km/mol (1 e = 1/Debye D/Å; about 974.9).
 KM_MOL_PER_E2_AMU: float = KM_MOL_PER_D2_A2_AMU / units.Debye**2
 

@@ -22,17 +22,19 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms, units
 
-from .constants import KM_MOL_PER_D2_A2_AMU, KM_MOL_PER_E2_AMU
-from .spectrum import atomic_write_text
+from .constants import HBAR_EV, KM_MOL_PER_D2_A2_AMU, KM_MOL_PER_E2_AMU
+from .atomic import write_text
 
 METHODS = ("auto", "ase", "autograd")
 
 
 @dataclass
 class HarmonicIR:
-    """Harmonic frequencies (cm^-1, ascending by eigenvalue, imaginary as negative) and intensities (km/mol).
+    """Harmonic frequencies (cm^-1, ascending, imaginary as negative) and intensities (km/mol): the one
+    harmonic type of nanosil, for the ML committee and every reference backend alike.
 
-    ``modes``: (3N, N, 3) eigenvectors of the mass-weighted Hessian (unit norm), or None.
+    ``modes``: (3N, N, 3) Cartesian displacements of unit mass-weighted norm (ASE's convention: the
+    eigenvector of the mass-weighted Hessian divided by sqrt(m_i), so sum_i m_i |mode_i|^2 = 1), or None.
     """
 
     frequencies: np.ndarray
@@ -51,9 +53,7 @@ class HarmonicIR:
 
 def _eigen_to_wavenumber(omega2: np.ndarray) -> np.ndarray:
     """Eigenvalues of the mass-weighted Hessian (eV/(Å^2 amu)) -> cm^-1, imaginary as negative."""
-    # hbar * omega in eV for omega^2 in eV/(Å^2 amu) (same factor as ASE's Vibrations)
-    s = units._hbar * 1e10 / np.sqrt(units._e * units._amu)
-    energy = s * np.sqrt(np.abs(omega2))
+    energy = HBAR_EV * np.sqrt(np.abs(omega2))
     return np.sign(omega2) * energy / units.invcm
 
 
@@ -111,7 +111,7 @@ def harmonic_from_derivatives(
     # d mu / d Q_k = sum_{i,a} d mu / d r_{ia} * vec[ia, k] / sqrt(m_i)   (e / sqrt(amu))
     dmu_dq = (dmu.reshape(3 * n, 3) * im[:, None]).T @ vecs  # (3, 3N)
     intensities = (dmu_dq**2).sum(axis=0) * KM_MOL_PER_E2_AMU
-    modes = vecs.T.reshape(3 * n, n, 3)
+    modes = (vecs * im[:, None]).T.reshape(3 * n, n, 3)
     return HarmonicIR(_eigen_to_wavenumber(omega2), intensities, modes, "derivatives")
 
 
@@ -143,17 +143,39 @@ def harmonic_ase(atoms: Atoms, calc, delta: float = 0.01, nfree: int = 2, workdi
         ir = Infrared(atoms, name=os.path.join(folder, "ir"), delta=delta, nfree=nfree)
         ir.run()
         ir.read()
-        hnu = np.asarray(ir.get_energies())  # eV, complex for imaginary modes
-        freq = np.where(np.abs(hnu.imag) > 0, -np.abs(hnu.imag), hnu.real) / units.invcm
-        intens = np.asarray(ir.intensities, dtype=float) * KM_MOL_PER_D2_A2_AMU
-        modes = np.asarray(ir.modes).reshape(len(freq), len(atoms), 3)
-        return HarmonicIR(freq, intens, modes, "ase")
+        return from_infrared(ir)
 
     if workdir is not None:
         Path(workdir).mkdir(parents=True, exist_ok=True)
         return _run(str(workdir))
     with tempfile.TemporaryDirectory(prefix="nanosil-ir-") as tmp:
         return _run(tmp)
+
+
+def real_wavenumbers(complex_frequencies) -> np.ndarray:
+    """ASE's complex frequencies (cm^-1, or energies in any unit) as reals, imaginary ones negative."""
+    c = np.asarray(complex_frequencies, dtype=complex)
+    return np.where(np.abs(c.imag) > np.abs(c.real), -np.abs(c.imag), c.real)
+
+
+def from_infrared(ir, method: str = "ase") -> HarmonicIR:
+    """:class:`HarmonicIR` from an ASE ``Infrared`` object after ``read()``, ascending, with its modes."""
+    freq = real_wavenumbers(ir.hnu) / units.invcm
+    order = np.argsort(freq, kind="stable")
+    n = len(ir.atoms)
+    modes = np.zeros((len(freq), n, 3))
+    for k, i in enumerate(order):
+        modes[k][ir.indices] = ir.get_mode(int(i))[ir.indices]
+    return HarmonicIR(freq[order], np.asarray(ir.intensities, dtype=float)[order] * KM_MOL_PER_D2_A2_AMU,
+                      modes, method)
+
+
+def vibrational(frequencies, n_rigid: int = 6) -> np.ndarray:
+    """The vibrational frequencies (cm^-1), sorted: the ``n_rigid`` closest to zero (translations and
+    rotations of a non-linear cluster) are dropped."""
+    f = np.asarray(frequencies, dtype=float)
+    keep = np.sort(np.argsort(np.abs(f), kind="stable")[n_rigid:])
+    return np.sort(f[keep])
 
 
 def harmonic_ir(atoms: Atoms, calc, method: str = "auto", **kwargs) -> HarmonicIR:
@@ -170,7 +192,7 @@ def write_harmonic(path: str | os.PathLike, result: HarmonicIR) -> None:
     """Two columns, ``frequency_cm-1 intensity_km_mol`` (imaginary as negative), atomic write."""
     lines = [f"# harmonic IR ({result.method}): frequency_cm-1 intensity_km_mol"]
     lines += [f"{f:12.4f} {i:14.6f}" for f, i in zip(result.frequencies, result.intensities)]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def read_harmonic(path: str | os.PathLike) -> HarmonicIR:

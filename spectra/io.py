@@ -19,6 +19,17 @@ Formats
 ``text``
     3 columns (mu_x mu_y mu_z) or 4 columns (step mu_x mu_y mu_z); ``#`` starts a comment; e·Å by default.
 
+Per-member dipoles of a dipole committee (:func:`read_dipole_members`, for the committee band of a
+spectrum) come as
+
+``ipi``
+    i-PI's ``<trajectory filename='dipole_members' extra_type='dipole_members'> extras </trajectory>``:
+    the driver's extras key ``dipole_members``, a list of n_members lists of 3 numbers in e·Bohr like
+    ``dipole``; i-PI prints, after each `` #EXTRAS(dipole_members)# Step:  N`` header, one line of three
+    numbers per member (a single line of 3 x n_members numbers is read too).
+``npz``
+    array ``dipole_members`` of shape (n_members, n_frames, 3), e·Å by default; optional ``steps``.
+
 ``timestep_fs`` is always the MD time step. When a file carries step numbers the time between frames is
 ``timestep_fs * stride``; without step numbers frames are taken one time step apart.
 """
@@ -35,6 +46,7 @@ import numpy as np
 from .constants import dipole_unit_factor
 
 FORMATS = ("ipi", "extxyz", "npz", "text")
+MEMBER_FORMATS = ("ipi", "npz")
 DEFAULT_UNITS = {"ipi": "au", "extxyz": "eA", "npz": "eA", "text": "eA"}
 
 _IPI_HEADER = re.compile(r"^#\s*(\w+)\((.*?)\)#\s*Step:\s*(-?\d+)")
@@ -56,6 +68,24 @@ class DipoleSeries:
     @property
     def duration_fs(self) -> float:
         return (self.n_frames - 1) * self.frame_interval_fs
+
+
+@dataclass
+class DipoleMembersSeries:
+    """Dipoles of each committee member on one trajectory: ``dipoles`` (n_members, n_frames, 3) in e·Å."""
+
+    dipoles: np.ndarray
+    frame_interval_fs: float
+    source: str = ""
+    steps: np.ndarray | None = None
+
+    @property
+    def n_members(self) -> int:
+        return int(self.dipoles.shape[0])
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.dipoles.shape[1])
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -85,15 +115,7 @@ def read_dipoles(
     ``timestep_fs``: the MD time step in fs. ``units``: ``au`` (e·Bohr), ``eA`` or ``debye``; default per
     format (``au`` for i-PI, ``eA`` otherwise). ``fmt``: one of :data:`FORMATS`, default detected.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    if not path.is_file():
-        raise ValueError(f"{path}: not a regular file")
-    if not (timestep_fs > 0 and np.isfinite(timestep_fs)):
-        raise ValueError(f"timestep must be a positive number of fs, got {timestep_fs!r}")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path}: empty file")
+    path = _checked_file(path, timestep_fs)
     fmt = fmt or detect_format(path)
     if fmt not in FORMATS:
         raise ValueError(f"unknown dipole file format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -109,6 +131,57 @@ def read_dipoles(
         source=str(path),
         steps=None if steps is None else np.asarray(steps),
     )
+
+
+def read_dipole_members(
+    path: str | os.PathLike,
+    timestep_fs: float,
+    units: str | None = None,
+    fmt: str | None = None,
+) -> DipoleMembersSeries:
+    """Per-member committee dipoles of one trajectory (formats ``ipi`` and ``npz``, module docstring).
+
+    Same arguments as :func:`read_dipoles`; the result has ``dipoles`` (n_members, n_frames, 3) in e·Å.
+    """
+    path = _checked_file(path, timestep_fs)
+    fmt = fmt or ("npz" if path.suffix.lower() == ".npz" else "ipi")
+    if fmt not in MEMBER_FORMATS:
+        raise ValueError(f"{path}: per-member dipoles are read from {' or '.join(MEMBER_FORMATS)} files, not {fmt!r}")
+    factor = dipole_unit_factor(units or DEFAULT_UNITS[fmt])
+    dipoles, steps = _read_ipi_members(path) if fmt == "ipi" else _read_npz_members(path)
+    if dipoles.shape[1] < 3:
+        raise ValueError(f"{path}: only {dipoles.shape[1]} frame(s); a spectrum needs many more")
+    return DipoleMembersSeries(dipoles=dipoles * factor, frame_interval_fs=float(timestep_fs) * _stride(path, steps),
+                               source=str(path), steps=None if steps is None else np.asarray(steps))
+
+
+def check_same_trajectory(run: DipoleSeries, members: DipoleMembersSeries) -> None:
+    """ValueError naming both files unless ``members`` has the frames of ``run`` (same interval, count, steps)."""
+    if round(run.frame_interval_fs, 9) != round(members.frame_interval_fs, 9):
+        raise ValueError(
+            f"{members.source}: frames {members.frame_interval_fs:g} fs apart, but {run.source} has "
+            f"{run.frame_interval_fs:g} fs: the per-member dipoles must come from the same run with the same stride"
+        )
+    if members.n_frames != run.n_frames:
+        raise ValueError(f"{members.source}: {members.n_frames} frames, but {run.source} has {run.n_frames}: "
+                         "not the same trajectory (or one file is truncated)")
+    if run.steps is not None and members.steps is not None and not np.array_equal(run.steps, members.steps):
+        k = int(np.argmax(np.asarray(run.steps) != np.asarray(members.steps)))
+        raise ValueError(f"{members.source}: frame {k} is step {members.steps[k]}, but in {run.source} step "
+                         f"{run.steps[k]}: not the same trajectory")
+
+
+def _checked_file(path: str | os.PathLike, timestep_fs: float) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file")
+    if not (timestep_fs > 0 and np.isfinite(timestep_fs)):
+        raise ValueError(f"timestep must be a positive number of fs, got {timestep_fs!r}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file")
+    return path
 
 
 def _stride(path: Path, steps) -> int:
@@ -145,39 +218,95 @@ def _floats(path: Path, lineno: int, text: str, expected: int | None = None) -> 
     return values
 
 
-def _read_ipi(path: Path):
-    dipoles: list[list[float]] = []
-    steps: list[int] = []
-    pending: tuple[int, int] | None = None  # (line number, step) of a header still waiting for its data
+def _ipi_blocks(path: Path, extra_type: str):
+    """``(header line, step, [(line number, text), ...])`` for each printed step of an i-PI extras file."""
+    blocks: list[tuple[int, int, list[tuple[int, str]]]] = []
     with open(path, "r", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
             s = line.strip()
             if not s:
                 continue
             m = _IPI_HEADER.match(s)
-            if m:
-                if pending is not None:
-                    raise ValueError(f"{path}: line {pending[0]}: header of step {pending[1]} has no data")
-                kind, extra_type, step = m.group(1), m.group(2).strip(), int(m.group(3))
-                if kind.upper() != "EXTRAS":
-                    raise ValueError(f"{path}: line {lineno}: {kind} output, expected EXTRAS (a per-bead extras file)")
-                if extra_type != "dipole":
-                    raise ValueError(
-                        f"{path}: line {lineno}: extras of type {extra_type!r}, expected 'dipole' "
-                        "(write them with <trajectory extra_type='dipole'> extras </trajectory>)"
-                    )
-                pending = (lineno, step)
+            if m is None:
+                if not blocks:
+                    raise ValueError(f"{path}: line {lineno}: data before any '#EXTRAS({extra_type})# Step:' header")
+                blocks[-1][2].append((lineno, s))
                 continue
-            if pending is None:
-                raise ValueError(f"{path}: line {lineno}: data before any '#EXTRAS(dipole)# Step:' header")
-            dipoles.append(_floats(path, lineno, s, expected=3))
-            steps.append(pending[1])
-            pending = None
-    if pending is not None:
-        raise ValueError(f"{path}: line {pending[0]}: header of step {pending[1]} has no data (truncated file?)")
-    if not dipoles:
+            if blocks and not blocks[-1][2]:
+                raise ValueError(f"{path}: line {blocks[-1][0]}: header of step {blocks[-1][1]} has no data")
+            kind, found = m.group(1), m.group(2).strip()
+            if kind.upper() != "EXTRAS":
+                raise ValueError(f"{path}: line {lineno}: {kind} output, expected EXTRAS (a per-bead extras file)")
+            if found != extra_type:
+                raise ValueError(f"{path}: line {lineno}: extras of type {found!r}, expected {extra_type!r} "
+                                 f"({_EXTRAS_HINT.get(found, _EXTRAS_HINT[extra_type])})")
+            blocks.append((lineno, int(m.group(3)), []))
+    if not blocks:
         raise ValueError(f"{path}: no dipole frames found")
+    if not blocks[-1][2]:
+        raise ValueError(f"{path}: line {blocks[-1][0]}: header of step {blocks[-1][1]} has no data (truncated file?)")
+    return blocks
+
+
+_EXTRAS_HINT = {
+    "dipole": "write them with <trajectory extra_type='dipole'> extras </trajectory>",
+    "dipole_members": "per-member dipoles: read them as the committee band (--committee-band), "
+                      "written with <trajectory extra_type='dipole_members'> extras </trajectory>",
+}
+
+
+def _read_ipi(path: Path):
+    dipoles, steps = [], []
+    for header, step, lines in _ipi_blocks(path, "dipole"):
+        if len(lines) > 1:
+            raise ValueError(f"{path}: line {lines[1][0]}: {len(lines)} data lines after the header of step {step} "
+                             f"(line {header}), expected 1")
+        dipoles.append(_floats(path, lines[0][0], lines[0][1], expected=3))
+        steps.append(step)
     return np.asarray(dipoles), np.asarray(steps)
+
+
+def _read_ipi_members(path: Path):
+    """(n_members, n_frames, 3) and the steps; every step must list the same number of members."""
+    blocks = _ipi_blocks(path, "dipole_members")
+    frames, steps = [], []
+    for k, (header, step, lines) in enumerate(blocks):
+        values = []
+        for lineno, text in lines:
+            row = _floats(path, lineno, text)
+            if len(row) % 3:
+                raise ValueError(f"{path}: line {lineno}: {len(row)} numbers, expected 3 per member (x y z)")
+            values.extend(row)
+        n = len(values) // 3
+        if frames and n != len(frames[0]):
+            hint = " (truncated file?)" if k == len(blocks) - 1 and n < len(frames[0]) else ""
+            raise ValueError(f"{path}: line {header}: step {step} has {n} members, "
+                             f"the first step has {len(frames[0])}{hint}")
+        frames.append(np.reshape(values, (n, 3)))
+        steps.append(step)
+    return np.transpose(np.asarray(frames), (1, 0, 2)), np.asarray(steps)
+
+
+def _read_npz_members(path: Path):
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.keys())
+            if "dipole_members" not in keys:
+                raise ValueError(f"{path}: no 'dipole_members' array (found: {', '.join(keys) or 'nothing'})")
+            dip = np.asarray(z["dipole_members"], dtype=float)
+            steps = np.asarray(z["steps"]) if "steps" in keys else None
+    except ValueError:
+        raise
+    except Exception as exc:  # zipfile/pickle errors of a damaged file
+        raise ValueError(f"{path}: not a readable .npz file ({exc.__class__.__name__}: {exc})") from None
+    if dip.ndim != 3 or dip.shape[2] != 3:
+        raise ValueError(f"{path}: 'dipole_members' has shape {dip.shape}, expected (n_members, n_frames, 3)")
+    bad = ~np.all(np.isfinite(dip), axis=(0, 2))
+    if np.any(bad):
+        raise ValueError(f"{path}: frame {int(np.argmax(bad))}: NaN or inf dipole")
+    if steps is not None and steps.shape != (dip.shape[1],):
+        raise ValueError(f"{path}: 'steps' has shape {steps.shape}, expected ({dip.shape[1]},)")
+    return dip, steps
 
 
 def _read_text(path: Path):
@@ -258,13 +387,22 @@ def _read_extxyz(path: Path):
 
 def write_dipoles_npz(path: str | os.PathLike, dipoles_eA: np.ndarray, steps: np.ndarray | None = None) -> None:
     """Write dipoles (e·Å) and optional step numbers as an ``.npz`` readable by :func:`read_dipoles` (atomic)."""
+    _write_npz(path, {"dipoles": np.asarray(dipoles_eA, dtype=float)}, steps)
+
+
+def write_dipole_members_npz(path: str | os.PathLike, members_eA: np.ndarray,
+                             steps: np.ndarray | None = None) -> None:
+    """Write per-member dipoles (n_members, n_frames, 3) in e·Å as an ``.npz`` for :func:`read_dipole_members`."""
+    _write_npz(path, {"dipole_members": np.asarray(members_eA, dtype=float)}, steps)
+
+
+def _write_npz(path: str | os.PathLike, arrays: dict, steps) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent or ".")
     os.close(fd)
     try:
-        arrays = {"dipoles": np.asarray(dipoles_eA, dtype=float)}
         if steps is not None:
-            arrays["steps"] = np.asarray(steps)
+            arrays = dict(arrays, steps=np.asarray(steps))
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
     except BaseException:

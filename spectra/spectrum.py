@@ -1,7 +1,8 @@
 """The ``Spectrum`` record (wavenumber grid, intensity, standard error) and its files.
 
 The CSV written here is the project's spectrum file: columns exactly
-``wavenumber_cm-1,wavelength_um,intensity,stderr`` in ascending wavenumber. ``read_spectrum`` also reads
+``wavenumber_cm-1,wavelength_um,intensity,stderr`` in ascending wavenumber, plus ``std_committee`` when the
+spectrum carries a dipole-committee band (``stderr``: runs; ``std_committee``: model). ``read_spectrum`` also reads
 the paper's ``.npy`` spectra (column 0 = wavenumber, further columns = one spectrum each: several columns
 give their mean and standard error) and plain text tables of 2 to 4 columns.
 """
@@ -9,13 +10,16 @@ from __future__ import annotations
 
 import io as _io
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_text
+
 CSV_COLUMNS = ("wavenumber_cm-1", "wavelength_um", "intensity", "stderr")
+#: optional fifth CSV column: the dipole committee's std of the spectrum (km/mol per cm^-1)
+COMMITTEE_COLUMN = "std_committee"
 
 # numpy >= 2 renamed trapz to trapezoid; the project allows numpy >= 1.24
 trapezoid = getattr(np, "trapezoid", None) or getattr(np, "trapz")
@@ -34,7 +38,9 @@ class Spectrum:
 
     ``intensity`` is in km/mol per cm^-1 for MD spectra and area-normalised broadened spectra (then the
     integral over wavenumber is in km/mol), or in km/mol for height-normalised broadened spectra (the paper's
-    harmonic plots). ``stderr`` is the standard error of the mean over ``n_runs`` runs (0 for one run).
+    harmonic plots). ``stderr`` is the standard error of the mean over ``n_runs`` runs (0 for one run): the
+    sampling noise of the MD. ``std_committee`` (optional, same unit) is the std over the dipole committee
+    members of their spectra on the same trajectories: the model uncertainty of the dipole surface.
     """
 
     wavenumber: np.ndarray
@@ -42,6 +48,7 @@ class Spectrum:
     stderr: np.ndarray | None = None
     n_runs: int = 1
     meta: dict = field(default_factory=dict)
+    std_committee: np.ndarray | None = None
 
     def __post_init__(self):
         self.wavenumber = np.asarray(self.wavenumber, dtype=float)
@@ -54,6 +61,11 @@ class Spectrum:
                 f"spectrum arrays differ in shape: wavenumber {self.wavenumber.shape}, "
                 f"intensity {self.intensity.shape}, stderr {self.stderr.shape}"
             )
+        if self.std_committee is not None:
+            self.std_committee = np.asarray(self.std_committee, dtype=float)
+            if self.std_committee.shape != self.intensity.shape:
+                raise ValueError(f"std_committee has shape {self.std_committee.shape}, "
+                                 f"intensity {self.intensity.shape}")
 
     @property
     def wavelength_um(self) -> np.ndarray:
@@ -66,40 +78,34 @@ class Spectrum:
 
     def cropped(self, lo: float = 0.0, hi: float = np.inf) -> "Spectrum":
         m = (self.wavenumber >= lo) & (self.wavenumber <= hi)
-        return Spectrum(self.wavenumber[m], self.intensity[m], self.stderr[m], self.n_runs, dict(self.meta))
+        band = None if self.std_committee is None else self.std_committee[m]
+        return Spectrum(self.wavenumber[m], self.intensity[m], self.stderr[m], self.n_runs, dict(self.meta), band)
 
     def on_grid(self, grid: np.ndarray) -> "Spectrum":
         """Linear interpolation onto ``grid`` (zero outside this spectrum's range)."""
         grid = np.asarray(grid, dtype=float)
         i = np.interp(grid, self.wavenumber, self.intensity, left=0.0, right=0.0)
         e = np.interp(grid, self.wavenumber, self.stderr, left=0.0, right=0.0)
-        return Spectrum(grid, i, e, self.n_runs, dict(self.meta))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        band = (None if self.std_committee is None
+                else np.interp(grid, self.wavenumber, self.std_committee, left=0.0, right=0.0))
+        return Spectrum(grid, i, e, self.n_runs, dict(self.meta), band)
 
 
 def write_spectrum_csv(path: str | os.PathLike, spectrum: Spectrum) -> None:
-    """The project's spectrum CSV (atomic write); ``inf`` wavelength at wavenumber 0."""
+    """The project's spectrum CSV (atomic write); ``inf`` wavelength at wavenumber 0.
+
+    A spectrum with a committee band gets the fifth column ``std_committee`` after ``stderr``.
+    """
     buf = _io.StringIO()
-    buf.write(",".join(CSV_COLUMNS) + "\n")
-    table = np.column_stack(
-        [spectrum.wavenumber, spectrum.wavelength_um, spectrum.intensity, spectrum.stderr]
-    )
+    columns = [spectrum.wavenumber, spectrum.wavelength_um, spectrum.intensity, spectrum.stderr]
+    header = list(CSV_COLUMNS)
+    if spectrum.std_committee is not None:
+        columns.append(spectrum.std_committee)
+        header.append(COMMITTEE_COLUMN)
+    buf.write(",".join(header) + "\n")
+    table = np.column_stack(columns)
     np.savetxt(buf, table, delimiter=",", fmt="%.10g")
-    atomic_write_text(path, buf.getvalue())
+    write_text(path, buf.getvalue())
 
 
 def _from_columns(path: Path, data: np.ndarray) -> Spectrum:
@@ -125,8 +131,9 @@ def _from_columns(path: Path, data: np.ndarray) -> Spectrum:
 def read_spectrum(path: str | os.PathLike) -> Spectrum:
     """A spectrum from the project's CSV, a ``.npy`` array (paper layout) or a whitespace text table.
 
-    CSV: the four columns of :data:`CSV_COLUMNS`. ``.npy``: column 0 wavenumber, columns 1.. spectra (several
-    give mean and standard error). Text: 2 columns (wavenumber, intensity) or 3 (plus stderr).
+    CSV: the four columns of :data:`CSV_COLUMNS`, optionally :data:`COMMITTEE_COLUMN` as a fifth. ``.npy``:
+    column 0 wavenumber, columns 1.. spectra (several give mean and standard error). Text: 2 columns
+    (wavenumber, intensity) or 3 (plus stderr).
     """
     path = Path(path)
     if not path.is_file():
@@ -144,13 +151,14 @@ def read_spectrum(path: str | os.PathLike) -> Spectrum:
     first = next(s for s in lines if s.strip())
     if first.strip().startswith("wavenumber_cm-1"):
         header = [h.strip() for h in first.strip().split(",")]
-        if tuple(header) != CSV_COLUMNS:
-            raise ValueError(f"{path}: header {first.strip()!r}, expected {','.join(CSV_COLUMNS)}")
-        rows = _parse_rows(path, lines, sep=",", ncols=(4,), skip_first=True)
+        if tuple(header) not in (CSV_COLUMNS, CSV_COLUMNS + (COMMITTEE_COLUMN,)):
+            raise ValueError(f"{path}: header {first.strip()!r}, expected {','.join(CSV_COLUMNS)}"
+                             f"[,{COMMITTEE_COLUMN}]")
+        rows = _parse_rows(path, lines, sep=",", ncols=(len(header),), skip_first=True)
         if len(rows) == 0:
             raise ValueError(f"{path}: no data rows after the header")
-        wn, _, inten, err = rows.T
-        return Spectrum(wn, inten, err)
+        band = rows[:, 4] if len(header) == 5 else None
+        return Spectrum(rows[:, 0], rows[:, 2], rows[:, 3], std_committee=band)
     rows = _parse_rows(path, lines, sep=None, ncols=(2, 3), skip_first=False)
     if len(rows) == 0:
         raise ValueError(f"{path}: no data rows")

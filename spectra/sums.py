@@ -24,7 +24,8 @@ from typing import Sequence
 import numpy as np
 
 from .constants import AMU_IN_G, AVOGADRO
-from .spectrum import Spectrum, atomic_write_text, wavelength_um
+from .atomic import write_text
+from .spectrum import Spectrum, wavelength_um
 
 SILICATE_BANDS_UM = (9.7, 18.0)
 WEIGHTS = ("equal", "number", "mass")
@@ -130,4 +131,4 @@ def write_absorption_table(path: str | os.PathLike, spectrum: Spectrum, mean_mas
     buf.write(f"# mean cluster mass: {mean_mass_amu:.4f} amu\n")
     buf.write("# " + " ".join(TABLE_COLUMNS) + "\n")
     np.savetxt(buf, absorption_table(spectrum, mean_mass_amu), fmt="%.8e")
-    atomic_write_text(path, buf.getvalue())
+    write_text(path, buf.getvalue())

@@ -99,7 +99,7 @@ def db_rows(workdir: Path) -> list:
 def leftover_processes(workdir: Path, token: str) -> list[str]:
     """Live processes that belong to this work directory: the owner tag in their environment, or a
     working directory inside it (i-PI, the driver's ranks)."""
-    from al_manager.state import tagged_processes
+    from al_manager.processes import tagged_processes
 
     found = [f"{pid} (tagged)" for pid in tagged_processes(token)]
     root = str(workdir.resolve())
@@ -148,7 +148,7 @@ def uninterrupted(initialised, tmp_path_factory) -> tuple[Path, subprocess.Compl
 # ---------------------------------------------------------------------- tests
 @pytest.mark.slow
 def test_init_labels_normal_mode_data_and_measures_the_first_committee(initialised):
-    from al_manager.report import read_report_csv
+    from al_manager.learning.report import read_report_csv
 
     state = state_of(initialised)
     assert state["phase"] == "sampling" and state["iteration"] == 1  # init stops before sampling
@@ -166,7 +166,7 @@ def test_init_labels_normal_mode_data_and_measures_the_first_committee(initialis
 
 @pytest.mark.slow
 def test_two_iterations_grow_the_database_by_the_flagged_frames(uninterrupted):
-    from al_manager.report import read_report_csv
+    from al_manager.learning.report import read_report_csv
     from driver.models.committee import load_committee
 
     workdir, proc = uninterrupted
@@ -225,7 +225,7 @@ def test_iteration_two_continues_each_run_from_its_checkpoint(uninterrupted):
     from ase import units
     from ase.io import read
 
-    from al_manager.sampling import read_ipi_checkpoint
+    from ipi_inputs.files import read_checkpoint
     from ipi_inputs import read_cluster
     from ipi_inputs.render import _ipi_masses
 
@@ -234,7 +234,7 @@ def test_iteration_two_continues_each_run_from_its_checkpoint(uninterrupted):
     for t in TEMPERATURES:
         name = f"P1_{t}K"
         assert state["iterations"]["2"]["runs"][name]["start"].startswith("checkpoint iter_001/")
-        chk = read_ipi_checkpoint(workdir / "iterations" / "iter_001" / "runs" / name / "RESTART")
+        chk = read_checkpoint(workdir / "iterations" / "iter_001" / "runs" / name / "RESTART")
         run2 = workdir / "iterations" / "iter_002" / "runs" / name
         start = read_cluster(run2 / "simulation.init.xyz")
         m = _ipi_masses(start)[:, None]
@@ -276,7 +276,7 @@ def _thermostat(xml: str) -> str:
 @pytest.mark.slow
 def test_killed_during_sampling_and_labelling_resumes_without_loss_or_repeats(initialised, uninterrupted,
                                                                               tmp_path):
-    from al_manager.report import read_report_csv
+    from al_manager.learning.report import read_report_csv
 
     workdir = copy_workdir(initialised, tmp_path / "wd")
     config = write_config(tmp_path, workdir, max_iterations=1)
@@ -338,8 +338,8 @@ def test_crashed_and_exploded_runs_are_recorded_and_the_iteration_goes_on(tmp_pa
     committee disagreement passes the upper cap: both recorded, the healthy run still delivers."""
     from ase.io import read, write
 
-    from al_manager.sampling import Sampler, SamplingSettings, plan_runs
-    from al_manager.state import State
+    from al_manager.learning.sampling import Sampler, SamplingSettings, plan_runs
+    from al_manager.learning.state import State
     from driver.models.committee import build_committee, save_committee
 
     models = tmp_path / "models"
@@ -379,7 +379,7 @@ class _owner:
     """Tag child processes as the manager does (for leftover checks)."""
 
     def __init__(self, state):
-        from al_manager.loop import _owner_tag
+        from al_manager.learning.loop import _owner_tag
 
         self.cm = _owner_tag(state.token)
 
@@ -417,7 +417,8 @@ def test_status_of_a_folder_that_is_no_work_directory(tmp_path):
 def test_orphans_of_a_killed_manager_are_ended_and_nothing_else(tmp_path):
     """Processes carrying the work directory's tag (i-PI, MPI ranks, workers of a killed manager) are
     ended on resume; an unrelated process is left alone. A second manager is refused by the lock."""
-    from al_manager.state import OWNER_ENV, State, WorkdirBusy, WorkdirLock, end_orphans, is_running
+    from al_manager.learning.state import State, WorkdirBusy, WorkdirLock
+    from al_manager.processes import OWNER_ENV, end_orphans, is_running
 
     state = State.load(tmp_path, create=True)
     tagged = subprocess.Popen(["sleep", "60"], env=dict(os.environ, **{OWNER_ENV: state.token}),
@@ -446,7 +447,7 @@ def test_orphans_of_a_killed_manager_are_ended_and_nothing_else(tmp_path):
 
 
 def test_state_file_is_replaced_atomically_and_damage_is_reported(tmp_path):
-    from al_manager.state import State
+    from al_manager.learning.state import State
 
     state = State.load(tmp_path, create=True)
     state.iteration_record(1)["frames"].append({"id": "001-P1_400K-0"})
@@ -461,7 +462,7 @@ def test_state_file_is_replaced_atomically_and_damage_is_reported(tmp_path):
 def test_reference_harmonics_survive_a_kill_inside_the_displacement_cache(tmp_path):
     """A killed harmonic analysis leaves ASE's empty lock file for the displacement in flight; the
     resumed one recomputes that displacement and gives the uninterrupted frequencies."""
-    from al_manager.measure import reference_harmonics, vibrational
+    from al_manager.learning.measure import reference_harmonics, vibrational
 
     p1 = str(shared_file("structures", "pyroxene_N01_GM.xyz"))
     first = reference_harmonics({"P1": p1}, "xtb", tmp_path / "a", log=lambda m: None)["P1"]

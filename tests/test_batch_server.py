@@ -1,4 +1,4 @@
-"""driver.batch_server: one process serving several real i-PI servers with batched committee passes.
+"""driver.ipi.batch_server: one process serving several real i-PI servers with batched committee passes.
 
 Every i-PI uses its own UNIX socket name; processes are ended (by pid) and socket files removed at the end.
 """
@@ -16,7 +16,8 @@ import pytest
 from ase import units
 from ase.io import read
 
-from driver.batch_server import fragments, partition_by_size
+from driver.geometry_checks import fragments
+from driver.ipi.batch_server import partition_by_size
 from driver.models.committee import load_committee
 from ipi_inputs import render_input
 from conftest import BIN, CHILD_ENV, cluster, stop, untrained_committee
@@ -56,7 +57,7 @@ def start_ipi(procs, folder: Path, structure: Path, steps: int, seed: int):
 
 def run_server(procs, models: Path, targets: list[tuple[str, Path]], log_dir: Path, *extra, timeout=300):
     started, _ = procs
-    cmd = [sys.executable, "-m", "driver.batch_server", "--models", str(models), "--log-dir", str(log_dir),
+    cmd = [sys.executable, "-m", "driver.ipi.batch_server", "--models", str(models), "--log-dir", str(log_dir),
            "--dtype", "float64", "--progress-every", "1000", *extra]
     for name, structure in targets:
         cmd += ["--target", f"{name}={structure}"]
@@ -134,7 +135,7 @@ def test_trajectory_leaving_the_trusted_region_is_stopped(models, procs, tmp_pat
     the reason next to the log, closes the connection, and i-PI (exit_on_disconnect) ends by itself."""
     structure = cluster("pyroxene_N01_GM.xyz")
     sock, ipi = start_ipi(procs, tmp_path / "run", structure, steps=200, seed=3)
-    rc, events, err = run_server(procs, models, [(sock, structure)], tmp_path / "logs", "--stop-above", "1e-9")
+    rc, events, err = run_server(procs, models, [(sock, structure)], tmp_path / "logs", "--trust-cap", "1e-9")
     assert rc == 0, err
     stopped = [e for e in events if e["event"] == "stopped"]
     assert len(stopped) == 1 and stopped[0]["step"] == 0 and "max force std" in stopped[0]["reason"]
@@ -145,10 +146,10 @@ def test_trajectory_leaving_the_trusted_region_is_stopped(models, procs, tmp_pat
 
 
 def test_bad_input_is_one_line(models, tmp_path):
-    cmd = [sys.executable, "-m", "driver.batch_server", "--models", str(models), "--target", "x=/nonexistent.xyz"]
+    cmd = [sys.executable, "-m", "driver.ipi.batch_server", "--models", str(models), "--target", "x=/nonexistent.xyz"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=CHILD_ENV, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "/nonexistent.xyz" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "driver.batch_server", "--models", str(tmp_path / "none")],
+    proc = subprocess.run([sys.executable, "-m", "driver.ipi.batch_server", "--models", str(tmp_path / "none")],
                           capture_output=True, text=True, env=CHILD_ENV, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and "does not exist" in proc.stderr

@@ -9,7 +9,7 @@ import pytest
 from ase import Atoms
 from ase.io import write
 
-from al_manager.config import ALConfig, ConfigError, load_config, parse_config
+from al_manager.learning.config import ALConfig, ConfigError, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,8 +118,8 @@ def test_train_section_passes_through_to_trainconfig(folder):
 
 
 def test_loop_plan_carries_the_settings(folder):
-    loop = pytest.importorskip("al_manager.loop")
-    from al_manager.config import loop_plan
+    loop = pytest.importorskip("al_manager.learning.loop")
+    from al_manager.learning.config import loop_plan
 
     cfg = load_config(_write(folder, VALID))
     plan = loop_plan(cfg)

@@ -13,7 +13,7 @@ from driver.flagging import (SCHEMA, FlagCollector, FlagConfig, Flagger, check_e
 
 
 def test_energy_criterion_with_cap():
-    cfg = FlagConfig(energy_threshold=0.01, upper_cap=0.5)
+    cfg = FlagConfig(energy_threshold=0.01, trust_cap=0.5)
     assert cfg.criterion == "energy" and cfg.unit == "eV/atom"
     assert classify(0.005, 99.0, cfg) == classify(0.005, 0.0, cfg)  # forces ignored under the energy criterion
     assert not classify(0.005, 0.0, cfg).uncertain
@@ -24,7 +24,7 @@ def test_energy_criterion_with_cap():
 
 
 def test_force_criterion_takes_precedence_and_no_threshold_flags_nothing():
-    cfg = FlagConfig(energy_threshold=0.01, force_threshold=0.3, upper_cap=3.0)
+    cfg = FlagConfig(energy_threshold=0.01, force_threshold=0.3, trust_cap=3.0)
     assert cfg.criterion == "force" and "energy threshold ignored" in cfg.describe()
     assert not classify(1.0, 0.2, cfg).uncertain        # energy std huge, force std small
     assert classify(0.0, 0.4, cfg).uncertain
@@ -35,8 +35,8 @@ def test_force_criterion_takes_precedence_and_no_threshold_flags_nothing():
 
 
 def test_config_rejects_nonsense():
-    with pytest.raises(ValueError, match="upper-cap"):
-        FlagConfig(energy_threshold=0.1, upper_cap=0.05)
+    with pytest.raises(ValueError, match="trust-cap"):
+        FlagConfig(energy_threshold=0.1, trust_cap=0.05)
     with pytest.raises(ValueError, match="energy-threshold"):
         FlagConfig(energy_threshold=-1.0)
     assert FlagConfig().run_id.startswith("run-")  # generated when not given
@@ -73,7 +73,7 @@ def test_uncertain_frames_travel_as_json_over_real_zmq(tmp_path, transport):
     with FlagCollector(endpoint) as collector:
         endpoint = collector.endpoint
         assert "*" not in endpoint
-        cfg = FlagConfig(energy_threshold=0.01, upper_cap=1.0, endpoint=endpoint, run_id="test-run",
+        cfg = FlagConfig(energy_threshold=0.01, trust_cap=1.0, endpoint=endpoint, run_id="test-run",
                          flag_file=str(tmp_path / "unused.extxyz"))
         flagger = Flagger(cfg, numbers, "iter_007-abc", log=io.StringIO())
         decisions = [flagger.process(step, pos + step, -100.0, std, 0.2, 0.05)
@@ -94,8 +94,10 @@ def test_uncertain_frames_travel_as_json_over_real_zmq(tmp_path, transport):
 
 
 def test_collector_never_unpickles(tmp_path):
+    """Anything but nanosil.flag/1 JSON is dropped with a log line; nothing crashes the collector."""
     endpoint = f"ipc://{tmp_path}/c"
-    with FlagCollector(endpoint) as collector:
+    log = io.StringIO()
+    with FlagCollector(endpoint, log=log) as collector:
         push = zmq.Context.instance().socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 1000)
         push.connect(endpoint)
@@ -106,17 +108,20 @@ def test_collector_never_unpickles(tmp_path):
 
         push.send(pickle.dumps(Boom()))
         push.send(json.dumps({"schema": "something-else"}).encode())
+        push.send(b"\xff\xfe not utf-8")
+        push.send(b"[" * 100_000)  # nested past Python's recursion limit
         push.send(json.dumps({"schema": SCHEMA, "kind": "uncertain", "step": 3}).encode())
         push.close()
         got = collector.receive(timeout_ms=1000)
     assert got == [{"schema": SCHEMA, "kind": "uncertain", "step": 3}]
-    assert collector.rejected == 2
+    assert collector.rejected == 4
+    assert "flag collector: dropped a message" in log.getvalue() and "not JSON" in log.getvalue()
 
 
 def test_without_endpoint_frames_are_appended_to_extxyz(tmp_path):
     numbers, pos = _frame()
     log = io.StringIO()
-    cfg = FlagConfig(force_threshold=0.1, upper_cap=5.0, flag_file=str(tmp_path / "out" / "flags.extxyz"),
+    cfg = FlagConfig(force_threshold=0.1, trust_cap=5.0, flag_file=str(tmp_path / "out" / "flags.extxyz"),
                      run_id="r1")
     flagger = Flagger(cfg, numbers, "v1", log=log)
     for step, fstd in enumerate([0.05, 0.2, 7.0, 0.3]):

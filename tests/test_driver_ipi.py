@@ -244,7 +244,7 @@ def test_exploded_frames_are_reported_not_sent_over_tcp(models, procs, tmp_path)
     xml = render_input("al_sampling", tmp_path, socket=address, structure=src, temperature=300, seed=2,
                        steps=10, prefix="al")
     ipi = start_ipi(procs, xml)
-    drv = start_driver(procs, tmp_path, models, src, address, "--energy-threshold", 1e-12, "--upper-cap", 1e-11,
+    drv = start_driver(procs, tmp_path, models, src, address, "--energy-threshold", 1e-12, "--trust-cap", 1e-11,
                        "--flag-file", tmp_path / "flags.extxyz", ranks=1, inet=True)
     assert wait(drv, 120) == 0
     assert wait(ipi, 60) == 0
@@ -286,7 +286,7 @@ def test_killing_the_driver_stops_ipi(models, procs, tmp_path):
         if "ConnectionResetError" in log and "Exception in thread poll_" in log:
             # i-PI 3.3 catches only timeouts and EOF while it reads forces: a kill that lands while the
             # driver has unread positions resets the socket, the exception ends i-PI's polling thread and
-            # i-PI waits forever. nanosil's supervisors end such an i-PI (al_manager.sampling._supervise,
+            # i-PI waits forever. nanosil's supervisors end such an i-PI (al_manager.learning.sampling._supervise,
             # the campaign runner's driver watch), tested in test_al_loop and test_campaign.
             pytest.xfail("i-PI 3.3: a connection reset while reading forces kills its polling thread")
         raise
@@ -330,7 +330,7 @@ def test_atom_count_mismatch_is_a_one_line_error_and_ends_ipi(models, procs, tmp
 # ------------------------------------------------------------------------------------------ i-PI's own driver
 @pytest.mark.timeout(240)
 def test_ipi_py_driver_serves_the_pes_class(models, procs, tmp_path):
-    """`i-pi-py_driver -m custom -P driver/pes.py -o ...` answers like nanosil-driver."""
+    """`i-pi-py_driver -m custom -P driver/ipi/pes.py -o ...` answers like nanosil-driver."""
     src = cluster("pyroxene_N01_GM.xyz")
     steps, sock = 20, procs.socket_name()
     xml = render_input("production_nvt", tmp_path, socket=f"unix:{sock}", structure=src, temperature=300, seed=4,
@@ -341,7 +341,7 @@ def test_ipi_py_driver_serves_the_pes_class(models, procs, tmp_path):
     while not os.path.exists(f"/tmp/ipi_{sock}"):
         assert time.time() < deadline and ipi.poll() is None, ipi.log_path.read_text()[-2000:]
         time.sleep(0.2)
-    drv = procs.start([BIN / "i-pi-py_driver", "-u", "-a", sock, "-m", "custom", "-P", ROOT / "driver" / "pes.py",
+    drv = procs.start([BIN / "i-pi-py_driver", "-u", "-a", sock, "-m", "custom", "-P", ROOT / "driver" / "ipi" / "pes.py",
                        "-o", f"models={models},structure={src},energy_threshold=1e-9,flag_file={tmp_path}/fl.extxyz"],
                       tmp_path, "pydriver.log")
     assert wait(drv, 120) == 0, drv.log_path.read_text()[-3000:]

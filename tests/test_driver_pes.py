@@ -1,4 +1,4 @@
-"""driver.pes (the i-PI PES class and the reply) and driver.mpi_committee (members over real MPI ranks)."""
+"""driver.ipi.pes (the i-PI PES class and the reply) and driver.ipi.mpi_committee (members over real MPI ranks)."""
 from __future__ import annotations
 
 import json
@@ -13,8 +13,8 @@ from ase import units
 from ase.io import read
 
 from driver.models.committee import load_committee
-from driver.mpi_committee import split_members
-from driver.pes import AtomCountMismatch, NanosilDriver
+from driver.ipi.mpi_committee import split_members
+from driver.ipi.pes import AtomCountMismatch, NanosilDriver
 
 from conftest import cluster, untrained_committee
 
@@ -111,7 +111,7 @@ import json, sys
 import numpy as np
 from ase.io import read
 from driver.models.committee import load_committee
-from driver.mpi_committee import MPICommittee
+from driver.ipi.mpi_committee import MPICommittee
 models, structure = sys.argv[1:3]
 committee = load_committee(models)
 atoms = read(structure)

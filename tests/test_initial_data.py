@@ -12,8 +12,8 @@ import pytest
 from ase import units
 from ase.io import read
 
-from al_manager import fps, normal_modes
-from al_manager.initial_data import InitialDataSettings, initial_data_from_file, make_initial_data
+from al_manager.learning import fps, normal_modes
+from al_manager.learning.initial_data import InitialDataSettings, initial_data_from_file, make_initial_data
 from al_manager.reference import get_backend
 
 STRUCTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "structures"

@@ -1,5 +1,5 @@
 """The i-PI XML templates and ipi_inputs.render_input: placeholders, units, start velocities, and real
-i-PI runs (NVT then NVE from its checkpoint) driven through driver.ipi_client by a spring-network PES."""
+i-PI runs (NVT then NVE from its checkpoint) driven through driver.ipi.client by a spring-network PES."""
 from __future__ import annotations
 
 import os
@@ -15,7 +15,7 @@ import pytest
 from ase import Atoms, units
 from ase.io import read, write
 
-from driver.ipi_client import IPIClient, connect
+from driver.ipi.client import IPIClient, connect
 from ipi_inputs import SocketAddress, read_cluster, render_input, thermostat_temperature
 from ipi_inputs.render import AL_MAX_STEPS, _ipi_masses
 from conftest import cluster
@@ -167,7 +167,7 @@ class SpringNetwork:
 
 
 def run_ipi(xml: Path, pes, name: str) -> int:
-    """Run i-PI on ``xml`` (in its folder) served by ``pes`` through driver.ipi_client; i-PI's exit status."""
+    """Run i-PI on ``xml`` (in its folder) served by ``pes`` through driver.ipi.client; i-PI's exit status."""
     log = open(xml.with_suffix(".log"), "w")
     proc = subprocess.Popen([str(BIN / "i-pi"), xml.name], cwd=xml.parent, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)

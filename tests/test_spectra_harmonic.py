@@ -157,7 +157,7 @@ def test_md_band_areas_equal_harmonic_intensities_of_the_same_model():
     masses = atoms.get_masses()
     kt = units.kB * temperature
     # mass-weighted mode k: Q'(0) = sqrt(2 kT) -> Cartesian velocity (Å per ASE time) -> Å/fs
-    vel = sum(np.sqrt(2 * kt) * har.modes[k] / np.sqrt(masses)[:, None] for k in vib) * units.fs
+    vel = sum(np.sqrt(2 * kt) * har.modes[k] for k in vib) * units.fs
     r = atoms.get_positions().copy()
     acc_unit = units.fs**2  # eV/Å/amu -> Å/fs^2
     _, f = calc.energy_forces(r)

@@ -1,4 +1,5 @@
-"""Dipole time-series readers: a real i-PI extras file from a real i-PI run, extxyz, npz, text, bad input."""
+"""Dipole time-series readers: real i-PI extras files (dipole and per-member dipoles) from a real i-PI run,
+extxyz, npz, text, bad input; the default spectrum of the real run is non-negative."""
 from __future__ import annotations
 
 import os
@@ -14,16 +15,26 @@ from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
 
-from spectra.autocorrelation import SpectrumOptions, run_spectrum
+from spectra.autocorrelation import NONNEGATIVE_WINDOWS, WINDOWS, SpectrumOptions, run_spectrum
 from spectra.constants import KM_MOL_PER_E2_AMU
-from spectra.io import detect_format, read_dipoles, write_dipoles_npz
+from spectra.io import (
+    DipoleSeries,
+    check_same_trajectory,
+    detect_format,
+    read_dipole_members,
+    read_dipoles,
+    write_dipole_members_npz,
+    write_dipoles_npz,
+)
 
 BIN = Path(sys.executable).parent
 
 # A tiny PES for i-PI's python driver: every atom on an isotropic spring to the origin (k in Hartree/Bohr^2),
 # fixed charges +0.5, -0.5, +0.5, ... e; the dipole (e·Bohr, i-PI's atomic units) goes back in the extras.
 # The atoms start near the origin (little potential energy) and the centre of mass is left free (fixcom
-# False), so each atom is an independent 3D oscillator of frequency sqrt(k / m).
+# False), so each atom is an independent 3D oscillator of frequency sqrt(k / m). A mock dipole committee
+# goes in the extras too, as the key ``dipole_members`` (n_members x 3, e·Bohr): member k is MEMBER_SCALES[k]
+# times the dipole, so its spectrum is MEMBER_SCALES[k]^2 times the dipole's.
 PES_SOURCE = '''
 import json
 import numpy as np
@@ -31,6 +42,7 @@ from ipi.pes.dummy import Dummy_driver
 
 __DRIVER_NAME__ = "chargedspring"
 __DRIVER_CLASS__ = "ChargedSpring"
+MEMBER_SCALES = {member_scales!r}
 
 
 class ChargedSpring(Dummy_driver):
@@ -44,12 +56,14 @@ class ChargedSpring(Dummy_driver):
         pot = 0.5 * self.k * (pos ** 2).sum()
         force = -self.k * pos
         dipole = (q[:, None] * pos).sum(axis=0)
-        return pot, force.reshape(-1), cell * 0.0, json.dumps({"dipole": dipole.tolist()})
+        members = [(s * dipole).tolist() for s in MEMBER_SCALES]
+        return pot, force.reshape(-1), cell * 0.0, json.dumps({"dipole": dipole.tolist(), "dipole_members": members})
 '''
 
 INPUT_XML = """<simulation verbosity='low' safe_stride='100000'>
   <output prefix='sim'>
     <trajectory filename='dipole' stride='{stride}' extra_type='dipole'> extras </trajectory>
+    <trajectory filename='dipole_members' stride='{stride}' extra_type='dipole_members'> extras </trajectory>
     <trajectory filename='pos' stride='{stride}' format='xyz' cell_units='angstrom'> positions{{angstrom}} </trajectory>
   </output>
   <total_steps>{steps}</total_steps>
@@ -76,6 +90,7 @@ INPUT_XML = """<simulation verbosity='low' safe_stride='100000'>
 """
 
 K_AU = 0.151  # Hartree/Bohr^2: O near 500 cm^-1, H near 2000 cm^-1
+MEMBER_SCALES = (1.0, 1.1, 0.9)  # the mock dipole committee of the PES (see PES_SOURCE)
 
 
 def run_ipi(folder: Path, steps=2000, stride=2, timestep=0.5, temperature=300.0) -> Path:
@@ -83,7 +98,7 @@ def run_ipi(folder: Path, steps=2000, stride=2, timestep=0.5, temperature=300.0)
     if not (BIN / "i-pi").exists() or not (BIN / "i-pi-py_driver").exists():
         pytest.skip("i-PI (i-pi, i-pi-py_driver) not installed next to the test interpreter")
     address = f"nanosil-spectra-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    (folder / "pes_chargedspring.py").write_text(PES_SOURCE)
+    (folder / "pes_chargedspring.py").write_text(PES_SOURCE.replace("{member_scales!r}", repr(MEMBER_SCALES)))
     (folder / "init.xyz").write_text(
         "2\n# CELL(abcABC): 30.0 30.0 30.0 90.0 90.0 90.0 positions{angstrom} cell{angstrom}\n"
         "O 0.010 -0.005 0.002\nH 0.020 0.010 -0.010\n"
@@ -178,6 +193,44 @@ def test_spectrum_of_real_ipi_run_peaks_at_spring_frequencies(ipi_run):
         assert spec.integral(lo, hi) == pytest.approx(harmonic, rel=0.35), element
 
 
+def test_default_spectrum_of_real_ipi_run_is_non_negative(ipi_run):
+    """The real i-PI trajectory: the paper's Hann processing dips below zero, the default never does."""
+    series = read_dipoles(ipi_run, timestep_fs=0.5)
+    hann_minima = []
+    for depth in (100.0, 250.0, 500.0):
+        spectra = {w: run_spectrum(series.dipoles, series.frame_interval_fs, 300.0,
+                                   SpectrumOptions(depth_fs=depth, discard_ps=0.1, window=w)) for w in WINDOWS}
+        for w in NONNEGATIVE_WINDOWS:
+            assert spectra[w].intensity.min() >= 0.0, (w, depth)
+        hann = spectra["hann"].intensity
+        hann_minima.append(hann.min() / hann.max())
+        for w in WINDOWS:  # the window keeps lag 0: one band area for all
+            assert spectra[w].integral() == pytest.approx(spectra["parzen"].integral(), rel=1e-10)
+    assert min(hann_minima) < -1e-4  # so the check above has teeth on this very trajectory
+
+
+def test_real_ipi_dipole_members_file(ipi_run):
+    """i-PI writes the driver's ``dipole_members`` extras (n_members x 3) as one line per member."""
+    path = ipi_run.parent / "sim.dipole_members_0"
+    text = path.read_text().splitlines()
+    n = len(MEMBER_SCALES)
+    assert text[0].split() == ["#EXTRAS(dipole_members)#", "Step:", "0"]
+    assert all(len(line.split()) == 3 for line in text[1:n + 1]) and text[n + 1].split()[2] == "2"
+    members = read_dipole_members(path, timestep_fs=0.5)  # e·Bohr by default, like 'dipole'
+    series = read_dipoles(ipi_run, timestep_fs=0.5)
+    assert members.dipoles.shape == (n, 1001, 3) and members.n_members == n and members.n_frames == 1001
+    assert members.frame_interval_fs == pytest.approx(1.0)
+    np.testing.assert_array_equal(members.steps, series.steps)
+    check_same_trajectory(series, members)
+    for k, scale in enumerate(MEMBER_SCALES):  # i-PI prints 9 significant digits
+        np.testing.assert_allclose(members.dipoles[k], scale * series.dipoles, rtol=1e-7, atol=1e-12)
+    # the per-member file is not a dipole file, and the other way round: the message says what to do
+    with pytest.raises(ValueError, match=r"extras of type 'dipole_members', expected 'dipole' .*--committee-band"):
+        read_dipoles(path, 0.5)
+    with pytest.raises(ValueError, match=r"extras of type 'dipole', expected 'dipole_members'"):
+        read_dipole_members(ipi_run, 0.5)
+
+
 def test_extxyz_npz_text_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     dip = rng.normal(size=(40, 3))
@@ -203,6 +256,18 @@ def test_extxyz_npz_text_round_trip(tmp_path):
     s = read_dipoles(tmp_path / "d4.dat", 0.5)
     assert s.frame_interval_fs == 2.0
     assert detect_format(tmp_path / "d4.dat") == "text"
+
+    members = np.stack([dip, 2 * dip])
+    write_dipole_members_npz(tmp_path / "m.npz", members, steps=np.arange(40) * 4)
+    m = read_dipole_members(tmp_path / "m.npz", 0.5)
+    np.testing.assert_allclose(m.dipoles, members, rtol=1e-12)
+    assert m.frame_interval_fs == 2.0 and m.n_members == 2
+    check_same_trajectory(s, m)
+    # one line of 3 x n_members numbers per step is read as well
+    flat = tmp_path / "flat.dipole_members_0"
+    flat.write_text("".join(f" #EXTRAS(dipole_members)# Step:  {k} \n" + " ".join(map(str, members[:, k].ravel())) + "\n"
+                            for k in range(40)))
+    np.testing.assert_allclose(read_dipole_members(flat, 0.5, units="eA").dipoles, members, rtol=1e-12)
 
 
 def _error(path, **kw):
@@ -243,6 +308,14 @@ def test_bad_input_gives_one_line_naming_file_and_line(tmp_path):
     gaps.write_text(good.replace("Step:           3", "Step:           7"))
     assert "not increase" in _error(gaps) or "not equally spaced" in _error(gaps)
 
+    four = tmp_path / "four.dipole_0"
+    four.write_text(good.replace("2.0e-01  3.000e-01", "2.0e-01  3.000e-01  7.0"))
+    assert "line 8: expected 3 numbers, found 4" in _error(four)
+
+    two_lines = tmp_path / "two.dipole_0"
+    two_lines.write_text(good.replace("  1.0e-01  2.0e-01  3.000e-01\n", "  1.0e-01  2.0e-01  3.000e-01\n 1 2 3\n"))
+    assert "line 9: 2 data lines after the header of step 3" in _error(two_lines)
+
     cols = tmp_path / "cols.txt"
     cols.write_text("0.1 0.2 0.3\n0.1 0.2 0.3\n0.1 0.2\n")
     assert "line 3: expected 3 numbers, found 2" in _error(cols)
@@ -263,6 +336,52 @@ def test_bad_input_gives_one_line_naming_file_and_line(tmp_path):
         read_dipoles(tmp_path / "d.txt" if (tmp_path / "d.txt").exists() else good_file(tmp_path), 0.5, units="nm")
     with pytest.raises(ValueError, match="timestep must be a positive"):
         read_dipoles(good_file(tmp_path), -1.0)
+
+
+def _members_error(path, **kw):
+    with pytest.raises((ValueError, FileNotFoundError)) as info:
+        read_dipole_members(path, timestep_fs=0.5, **kw)
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg
+    return msg
+
+
+def test_bad_dipole_members_files_name_the_file(tmp_path):
+    head = " #EXTRAS(dipole_members)# Step:  {} \n"
+    two = " 1.0 2.0 3.0\n 1.1 2.1 3.1\n"
+    good = "".join(head.format(k) + two for k in range(5))
+
+    assert "no such file" in _members_error(tmp_path / "missing.dipole_members_0")
+    cols = tmp_path / "cols.dipole_members_0"
+    cols.write_text(good.replace(" 1.1 2.1 3.1\n", " 1.1 2.1 3.1 4.1\n", 1))
+    assert "line 3: 4 numbers, expected 3 per member (x y z)" in _members_error(cols)
+    fewer = tmp_path / "fewer.dipole_members_0"
+    fewer.write_text(good + head.format(5) + " 1.0 2.0 3.0\n")
+    assert "line 16: step 5 has 1 members, the first step has 2 (truncated file?)" in _members_error(fewer)
+    uneven = tmp_path / "uneven.dipole_members_0"
+    uneven.write_text(good.replace("Step:  2 \n", "Step:  3 \n"))
+    assert "not equally spaced" in _members_error(uneven) or "not increase" in _members_error(uneven)
+    nan = tmp_path / "nan.dipole_members_0"
+    nan.write_text(good.replace("2.1", "nan", 1))
+    assert "line 3: NaN" in _members_error(nan)
+    npz = tmp_path / "flat.npz"
+    np.savez(npz, dipole_members=np.zeros((10, 3)))
+    assert "'dipole_members' has shape (10, 3), expected (n_members, n_frames, 3)" in _members_error(npz)
+    assert "not 'text'" in _members_error(good_file(tmp_path), fmt="text")
+
+    # a per-member file that does not match its run: both files named
+    fine = tmp_path / "fine.dipole_members_0"
+    fine.write_text(good)
+    members = read_dipole_members(fine, 0.5, units="eA")
+    run = DipoleSeries(np.zeros((5, 3)), 1.0, source="run_a.dipole_0")
+    with pytest.raises(ValueError, match=r"fine.dipole_members_0: frames 0.5 fs apart, but run_a.dipole_0 has 1 fs"):
+        check_same_trajectory(run, members)
+    run = DipoleSeries(np.zeros((6, 3)), 0.5, source="run_b.dipole_0")
+    with pytest.raises(ValueError, match=r"fine.dipole_members_0: 5 frames, but run_b.dipole_0 has 6"):
+        check_same_trajectory(run, members)
+    run = DipoleSeries(np.zeros((5, 3)), 0.5, source="run_c.dipole_0", steps=np.arange(5) + 10)
+    with pytest.raises(ValueError, match=r"frame 0 is step 0, but in run_c.dipole_0 step 10"):
+        check_same_trajectory(run, members)
 
 
 def good_file(folder: Path) -> Path:

@@ -51,6 +51,14 @@ def write_ipi_extras(path: Path, dipoles_au: np.ndarray, stride: int = 1):
             fh.write(" ".join(f"{x:16.8e}" for x in d) + "\n")
 
 
+def write_ipi_members(path: Path, members_au: np.ndarray, stride: int = 1):
+    """i-PI's layout of the ``dipole_members`` extras (n_members x 3): one line per member after each header."""
+    with open(path, "w") as fh:
+        for k in range(members_au.shape[1]):
+            fh.write(f" #EXTRAS(dipole_members)# Step:  {k * stride:10d} \n")
+            fh.write("\n".join(" ".join(f"{x:16.8e}" for x in d) for d in members_au[:, k]) + "\n")
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help(script):
     proc = run(script, "--help")
@@ -97,6 +105,48 @@ def test_ir_spectrum_csv_absolute_band_and_runs(tmp_path):
     assert one.integral(nu - 250, nu + 250) == pytest.approx(intensity, rel=0.02)
 
 
+def test_ir_spectrum_committee_band(tmp_path):
+    """Two runs, each with a 3-member dipole committee (member k = s_k x dipole): both bands, labelled."""
+    temperature, nu, n = 350.0, 950.0, 24000  # 12 ps at 0.5 fs
+    scales = np.array([1.0, 1.2, 0.8])
+    dipoles, members = [], []
+    for k, phase in enumerate((0.0, 1.0)):
+        mu = harmonic_mode_dipoles(nu, [0.25, 0.1, -0.05], temperature, n, phase=phase) + harmonic_mode_dipoles(
+            1500.0, [0.0, 0.05 * k, 0.0], temperature, n)  # the runs differ: a stderr band
+        dipoles.append(tmp_path / f"run{k}.dipole_0")
+        members.append(tmp_path / f"run{k}.dipole_members_0")
+        write_ipi_extras(dipoles[-1], mu / units.Bohr)
+        write_ipi_members(members[-1], scales[:, None, None] * mu[None] / units.Bohr)
+    base = ["--timestep", 0.5, "--temperature", temperature, "--discard-ps", 1.0, "--max-wavenumber", 3000]
+    out, png = tmp_path / "both.csv", tmp_path / "both.png"
+    proc = run("ir_spectrum.py", *dipoles, *base, "--committee-band", *members, "--out", out, "--plot", png)
+    assert proc.returncode == 0, proc.stderr
+    assert "committee band of 3 dipole members" in proc.stdout and "committee 2/2" in proc.stdout
+    assert out.read_text().splitlines()[0] == "wavenumber_cm-1,wavelength_um,intensity,stderr,std_committee"
+    spec = read_spectrum(out)
+    assert spec.stderr.max() > 0  # runs band
+    # member k's spectrum is s_k^2 times the dipole's in both runs: std = std(s^2) x intensity
+    peak = spec.intensity.max()
+    np.testing.assert_allclose(spec.std_committee, np.std(scales**2, ddof=1) * spec.intensity,
+                               rtol=1e-5, atol=1e-9 * peak)
+    assert spec.intensity.min() >= 0  # the default window
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    # the compare script still reads the five-column CSV
+    assert run("compare_spectra.py", out, out).returncode == 0
+
+    errs = ["--out", tmp_path / "x.csv"]
+    assert_one_line_error(run("ir_spectrum.py", *dipoles, *base, "--committee-band", members[0], *errs),
+                          "--committee-band: 1 member file(s) for 2 dipole file(s)")
+    strided = tmp_path / "strided.dipole_members_0"
+    write_ipi_members(strided, scales[:, None, None] * np.ones((1, n, 3)), stride=2)
+    assert_one_line_error(run("ir_spectrum.py", dipoles[0], *base, "--committee-band", strided, *errs),
+                          str(strided), "1 fs apart", str(dipoles[0]), "0.5 fs")
+    assert_one_line_error(run("ir_spectrum.py", dipoles[0], *base, "--committee-band", dipoles[1], *errs),
+                          str(dipoles[1]), "expected 'dipole_members'")
+    assert_one_line_error(run("ir_spectrum.py", members[0], *base, *errs), str(members[0]), "--committee-band")
+    assert not (tmp_path / "x.csv").exists()
+
+
 def test_ir_spectrum_bad_input(tmp_path):
     base = ["--timestep", 0.5, "--temperature", 300, "--out", tmp_path / "x.csv"]
     empty = tmp_path / "empty.dipole_0"
@@ -121,6 +171,18 @@ def test_ir_spectrum_bad_input(tmp_path):
     cols = tmp_path / "cols.txt"
     cols.write_text("1 2 3\n1 2 3 4\n")
     assert_one_line_error(run("ir_spectrum.py", cols, *base), str(cols), "line 2", "expected 3 numbers, found 4")
+
+    ipi_cols = tmp_path / "cols.dipole_0"
+    write_ipi_extras(ipi_cols, np.ones((20, 3)))
+    ipi_cols.write_text(ipi_cols.read_text().replace("1.00000000e+00\n", "1.00000000e+00 1.0\n", 1))
+    assert_one_line_error(run("ir_spectrum.py", ipi_cols, *base), str(ipi_cols), "line 2", "expected 3 numbers, found 4")
+
+    # a time step that does not match: frames of two runs at different intervals, both files named
+    fine, coarse = tmp_path / "fine.dipole_0", tmp_path / "coarse.dipole_0"
+    write_ipi_extras(fine, np.zeros((30, 3)), stride=1)
+    write_ipi_extras(coarse, np.zeros((30, 3)), stride=2)
+    assert_one_line_error(run("ir_spectrum.py", fine, coarse, *base, "--discard-ps", 0, "--depth-fs", 2),
+                          "different frame intervals", f"{fine}: 0.5 fs", f"{coarse}: 1 fs")
 
     assert_one_line_error(run("ir_spectrum.py", tmp_path / "nope.dipole_0", *base), "nope.dipole_0", "no such file")
     # argparse errors: one line too

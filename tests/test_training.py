@@ -196,3 +196,153 @@ def test_sigterm_on_nanosil_train_ends_workers_and_removes_temporary_files(tmp_p
         alive = [p for p in alive if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
     assert not alive, f"training workers {alive} outlived nanosil train"
     assert list(scratch.iterdir()) == [], "temporary training files left behind"
+
+
+# ------------------------------------------------------------------ the training step against its definition
+def _reference_loss(model, batch, energy, forces, cfg):
+    """The definition (the implementation before the hand-written step): autograd through the model,
+    forces by create_graph, the loss of Eq. 3."""
+    from driver.models.geometry import Batch
+
+    pos = batch.positions.clone().requires_grad_(True)
+    e = model(Batch(batch.species, pos, batch.mask))[0]
+    (g,) = torch.autograd.grad(e.sum(), pos, create_graph=True)
+    f_err = ((-g - forces) ** 2).sum((-1, -2)) / (3 * batch.mask.sum(-1))
+    return e, -g, (cfg.lambda_energy * (e - energy) ** 2 + cfg.lambda_forces * f_err).mean()
+
+
+def _member(hidden, dtype, frames):
+    from driver.models.committee import ModelConfig, _energy_model
+    from driver.models.geometry import make_batch
+
+    torch.manual_seed(3)
+    model = _energy_model(ModelConfig(hidden=hidden), 1)
+    model.fit_normalisation([make_batch(_species_index(frames, ("Mg", "Si", "O")), [f.positions for f in frames])])
+    with torch.no_grad():  # biases and scales away from their initial 0 and 1, so that their gradients show
+        for layer in model.layers:
+            layer.bias.normal_(0, 0.3)
+        model.atomic_scale.uniform_(0.5, 2.0)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("dtype, hidden, tol", [(torch.float64, (24, 16, 8), 1e-10), (torch.float64, (), 1e-10),
+                                                (torch.float32, (512, 512), 2e-5)])
+def test_training_loss_and_its_gradients_equal_autograd_through_the_model(p2_dft_frames, dtype, hidden, tol):
+    from driver.training import TrainConfig, _energy_and_forces, _energy_loss, _Packed, _tensors
+    from driver.models.geometry import make_batch
+
+    frames = p2_dft_frames[:12]
+    model = _member(hidden, dtype, frames)
+    params = list(model.parameters())
+    cfg = TrainConfig()
+    shift = fit_energy_shift(frames, 3, _species_index(frames, ("Mg", "Si", "O")))
+    data = _tensors(frames, ("Mg", "Si", "O"), shift)
+    packed, ids = _Packed(data, dtype), [4, 0, 9, 2]
+    b = packed.batch(ids)
+    e_ref, f_ref, loss_ref = _reference_loss(model, b.structures, b.energy, b.forces, cfg)
+    loss = _energy_loss(model, packed, ids, cfg, True)
+    assert float(loss.detach()) == pytest.approx(float(loss_ref.detach()), rel=tol)
+    for g, g_ref in zip(torch.autograd.grad(loss, params), torch.autograd.grad(loss_ref, params)):
+        assert float((g - g_ref).abs().max()) <= tol * float(g_ref.abs().max())
+    # Padding (structures of different sizes in one batch, as the validation of other callers may have).
+    p1 = read(shared_file("structures", "pyroxene_N01_GM.xyz"))
+    mixed = make_batch([data.index[0], _species_index([p1], ("Mg", "Si", "O"))[0]],
+                       [frames[0].positions, p1.positions], dtype=dtype)
+    e, f = _energy_and_forces(model, mixed, create_graph=False)
+    e_ref, f_ref, _ = _reference_loss(model, mixed, torch.zeros(2, dtype=dtype), torch.zeros_like(mixed.positions), cfg)
+    np.testing.assert_allclose(e.detach(), e_ref.detach(), rtol=tol, atol=tol)
+    np.testing.assert_allclose(f.detach(), f_ref.detach(), rtol=tol, atol=tol * float(f_ref.abs().max()))
+    assert float(f[1, len(p1):].abs().max()) == 0.0
+
+
+def test_packed_batches_equal_padded_ones(p2_dft_frames):
+    from driver.models.geometry import make_batch
+    from driver.training import _Packed, _tensors
+
+    frames = p2_dft_frames[:6]
+    data = _tensors(frames, ("Mg", "Si", "O"), np.zeros(3))
+    data.index.append(data.index[0][:4])   # one smaller structure: a group of its own
+    data.positions.append(data.positions[0][:4])
+    data.forces.append(data.forces[0][:4])
+    data.energy = np.append(data.energy, 1.0)
+    data.dipole.append(None)
+    packed, ids = _Packed(data), [5, 1, 3]
+    b, ref = packed.batch(ids), make_batch([data.index[i] for i in ids], [data.positions[i] for i in ids])
+    assert torch.equal(b.structures.positions, ref.positions) and torch.equal(b.structures.species, ref.species)
+    assert torch.equal(b.forces, torch.as_tensor(np.stack([data.forces[i] for i in ids]), dtype=torch.float32))
+    assert torch.equal(b.energy, torch.as_tensor(data.energy[ids], dtype=torch.float32))
+    assert b.dipole is not None and b.n_atoms.tolist() == [len(data.index[0])] * 3
+    assert packed.batch([6]).dipole is None
+    with pytest.raises(ValueError, match="one atom count"):
+        packed.batch([0, 6])
+
+
+def test_fused_adam_steps_equal_plain_adam():
+    from driver.training import _adam
+
+    torch.manual_seed(0)
+    a = [torch.randn(40, 30, requires_grad=True), torch.randn(30, requires_grad=True)]
+    b = [t.detach().clone().requires_grad_(True) for t in a]
+    opt_a, opt_b = _adam(a, 1e-2), torch.optim.Adam(b, lr=1e-2)
+    for step in range(5):
+        grads = [torch.randn_like(t) for t in a]
+        for opt, ts in ((opt_a, a), (opt_b, b)):
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 * (1 - step / 5)
+            for t, g in zip(ts, grads):
+                t.grad = g.clone()
+            opt.step()
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x.detach(), y.detach(), rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ progress lines
+def _member_task(frames, kind: str, **cfg):
+    from driver.models.committee import ModelConfig
+    from driver.training import TrainConfig, _tensors
+
+    model = dict(hidden=(16,), dipole_features=8, dipole_interactions=1, dipole_gaussians=6)
+    train, val = split_train_validation(frames)
+    shift = fit_energy_shift(train, 3, _species_index(train, ("Mg", "Si", "O")))
+    return dict(kind=kind, member=1, threads=1, cfg=TrainConfig(model=model, **cfg), model_config=ModelConfig(**model),
+                train=_tensors(train, ("Mg", "Si", "O"), shift), val=_tensors(val, ("Mg", "Si", "O"), shift),
+                warm_state=None)
+
+
+def test_member_progress_lines_name_the_member_and_report_validation_errors(p2_dft_frames, capfd):
+    import re
+
+    from driver.training import TrainConfig, _train_member
+
+    _train_member(_member_task(p2_dft_frames, "energy", epochs=20, patience=20))
+    lines = capfd.readouterr().err.splitlines()
+    assert lines and all(line.startswith("[energy member 1] ") for line in lines)
+    epoch = re.compile(r"^\[energy member 1\] epoch (\d+)/20 train loss \S+ val E [\d.]+ meV/atom F [\d.]+ eV/Å "
+                       r"\(val loss \S+, best \S+ at epoch \d+\) lr \S+ \d+ s ETA \d+ s$")
+    # by default a line every ~10 % of the epochs (and the first), whatever the time limit of 30 s adds
+    assert [int(epoch.match(line).group(1)) for line in lines[:-1]] == [1] + list(range(2, 21, 2))
+    assert lines[-1].startswith("[energy member 1] done: 20 epochs in ")
+
+    _train_member(_member_task(p2_dft_frames, "dipole", epochs=3, patience=3, log_every=1))
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 4 and all(re.search(r"^\[dipole member 1\] epoch \d/3 .* val mu [\d.]+ D ", line)
+                                   for line in lines[:3])
+    _train_member(_member_task(p2_dft_frames, "energy", epochs=3, patience=3, progress="off"))
+    assert capfd.readouterr().err == ""
+    with pytest.raises(ValueError, match="progress"):
+        TrainConfig(progress="loud")
+
+
+def test_parallel_members_write_whole_lines(p2_dft_frames, tmp_path, capfd):
+    """Members in parallel processes write to the same stderr: every line is whole and names its member."""
+    import re
+
+    from driver.training import TrainConfig, train_committee
+
+    model = dict(hidden=(8,), dipole_features=8, dipole_interactions=1, dipole_gaussians=6)
+    train_committee(p2_dft_frames[:16], tmp_path / "m", TrainConfig(committee=2, dipole_members=1, epochs=25,
+                                                                    patience=25, log_every=1, workers=2, model=model))
+    lines = [line for line in capfd.readouterr().err.splitlines() if "member" in line]
+    whole = re.compile(r"^\[(energy member [01]|dipole member 0)\] (epoch \d+/25 train loss [^\[\]]* ETA \d+ s"
+                       r"|done: [^\[\]]*)$")
+    assert len(lines) == 3 * 26 and all(whole.match(line) for line in lines), lines

@@ -5,7 +5,7 @@
     nanosil al status WORKDIR       where a work directory stands: phase, runs, labels, report
 
 Killing ``al run`` at any moment and running it again resumes where it stopped (see
-:mod:`al_manager.loop`).
+:mod:`al_manager.learning.loop`).
 """
 from __future__ import annotations
 
@@ -36,18 +36,14 @@ def run(args) -> int:
 # ---------------------------------------------------------------------- init / run
 def start(config_path: Path, init_only: bool) -> int:
     from al_manager.cli import UsageError
-    from al_manager.loop import plan_from_config, run_loop
+    from al_manager.learning.config import load_config
+    from al_manager.learning.loop import run_loop
+    from al_manager.learning.state import WorkdirBusy
     from al_manager.reference.base import ReferenceError
-    from al_manager.state import WorkdirBusy
 
-    from al_manager import config as config_module
-
-    if not config_path.is_file():
-        raise FileNotFoundError(f"configuration file {config_path} does not exist")
-    cfg = config_module.load_config(config_path)
-    plan = plan_from_config(cfg)
+    config = load_config(config_path)  # every problem of the file, before any work starts
     try:
-        return run_loop(plan, init_only=init_only, config_text=config_path.read_text())
+        return run_loop(config, init_only=init_only, config_text=config_path.read_text())
     except WorkdirBusy as exc:
         raise UsageError(str(exc)) from None
     except ReferenceError as exc:  # e.g. the reference relaxation of a structure failed
@@ -57,7 +53,7 @@ def start(config_path: Path, init_only: bool) -> int:
 
 # ---------------------------------------------------------------------- status
 def status(workdir: Path, as_json: bool = False) -> int:
-    from al_manager.state import LOCK_FILE, State, WorkdirBusy, WorkdirLock
+    from al_manager.learning.state import LOCK_FILE, State, WorkdirBusy, WorkdirLock
 
     state = State.load(workdir)
     running = False
@@ -80,7 +76,7 @@ def status(workdir: Path, as_json: bool = False) -> int:
     report = workdir / "report.csv"
     rows = []
     if report.exists():
-        from al_manager.report import read_report_csv
+        from al_manager.learning.report import read_report_csv
 
         rows = read_report_csv(report)
     summary["report"] = rows

@@ -1,7 +1,7 @@
 """``nanosil ir-campaign CONFIG.toml``: production MD IR spectra for many clusters, temperatures and seeds.
 
 Runs (or resumes: finished trajectories are never repeated, unfinished ones continue from their i-PI
-checkpoints) every trajectory of the campaign described in CONFIG.toml (see :mod:`al_manager.campaign`),
+checkpoints) every trajectory of the campaign described in CONFIG.toml (see :mod:`al_manager.campaign.config`),
 then writes the spectra with error bands, harmonic overlays, size sums (kappa tables) and summary.json.
 Exit status: 0 when every trajectory finished (trusted or stopped outside the trusted region), 1 when
 some failed, 2 for bad input.
@@ -21,7 +21,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from al_manager.campaign import describe, load_config, run_campaign
+    from al_manager.campaign.config import describe, load_config
+    from al_manager.campaign.runner import run_campaign
     from al_manager.cli import UsageError
 
     try:

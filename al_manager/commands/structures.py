@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from al_manager.reference.commands._common import add_backend_arguments, backend_options
+from al_manager.commands._common import add_backend_arguments, backend_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

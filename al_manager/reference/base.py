@@ -4,7 +4,7 @@ A backend turns a structure into labels in ASE units::
 
     backend = get_backend("xtb")
     lab = backend.label(atoms)           # Label(energy eV, forces eV/Å, dipole e·Å)
-    har = backend.harmonic(atoms)        # Harmonic(frequencies cm^-1, intensities km/mol, modes)
+    har = backend.harmonic(atoms)        # spectra.harmonic.HarmonicIR (frequencies cm^-1, intensities km/mol, modes)
     relaxed = backend.relax(atoms)       # a new Atoms at a local minimum
 
 ``backend.method`` is the string stored with every label (``method`` key of the dataset), and
@@ -38,8 +38,10 @@ import numpy as np
 from ase import Atoms
 from ase.data import chemical_symbols
 
+from driver.geometry_checks import non_finite, too_close
+from spectra.harmonic import HarmonicIR, from_infrared
+
 #: 1 (D/Å)^2 amu^-1 (ASE ``Infrared`` intensity unit) in km/mol.
-KM_PER_MOL_PER_D2A2AMU = 42.2561
 #: Atoms closer than this (Å) are refused: such a frame is broken, not a high-energy configuration.
 MIN_DISTANCE = 0.5
 
@@ -56,11 +58,6 @@ class Label:
     info: dict = field(default_factory=dict)
 
 
-@dataclass
-class Harmonic:
-    frequencies: np.ndarray  # (3N,) cm^-1, ascending; imaginary modes as negative numbers
-    intensities: np.ndarray  # (3N,) km/mol
-    modes: np.ndarray        # (3N, N, 3) mass-weighted-normalised Cartesian displacements (ASE convention)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,9 +97,9 @@ def check_structure(atoms: Atoms, *, frame: str = "structure", supported_numbers
     """
     if len(atoms) == 0:
         raise ValueError(f"{frame}: no atoms")
-    pos = np.asarray(atoms.positions, dtype=float)
-    if not np.all(np.isfinite(pos)):
-        raise ValueError(f"{frame}: positions contain NaN or infinity")
+    why = non_finite(atoms.positions)
+    if why:
+        raise ValueError(f"{frame}: {why}")
     if atoms.pbc.any():
         raise ValueError(f"{frame}: periodic cell given; the reference backends treat isolated clusters only")
     if supported_numbers is not None:
@@ -110,15 +107,9 @@ def check_structure(atoms: Atoms, *, frame: str = "structure", supported_numbers
             if z not in supported_numbers:
                 sym = chemical_symbols[z] if 0 <= z < len(chemical_symbols) else f"Z={z}"
                 raise ValueError(f"{frame}: element {sym} is not available for {method or 'this method'}")
-    if len(atoms) > 1:
-        from scipy.spatial import cKDTree
-
-        pairs = cKDTree(pos).query_pairs(min_distance, output_type="ndarray")
-        if len(pairs):
-            i, j = (int(k) for k in pairs[0])
-            d = float(np.linalg.norm(pos[i] - pos[j]))
-            raise ValueError(f"{frame}: atoms {i} ({atoms[i].symbol}) and {j} ({atoms[j].symbol}) are "
-                             f"{d:.3f} Å apart (< {min_distance} Å)")
+    why = too_close(atoms.numbers, atoms.positions, min_distance)
+    if why:
+        raise ValueError(f"{frame}: {why}")
     return spin_state(atoms, charge, multiplicity, frame)
 
 
@@ -201,7 +192,7 @@ class ReferenceBackend:
                               {"seconds": time.perf_counter() - t0, "charge": charge, "multiplicity": mult})
 
     def harmonic(self, atoms: Atoms, *, delta: float = 0.01, nfree: int = 2,
-                 workdir: str | Path | None = None) -> Harmonic:
+                 workdir: str | Path | None = None) -> HarmonicIR:
         """Harmonic frequencies and IR intensities by finite differences (ASE ``Infrared``) at the given
         geometry (relax it first). ``delta`` in Å; displaced results are cached in ``workdir`` when given
         (a restarted run reuses them), in a temporary folder otherwise."""
@@ -224,7 +215,7 @@ class ReferenceBackend:
                 raise
             except Exception as exc:
                 raise ReferenceError(f"{self.name} harmonic: {type(exc).__name__}: {_one_line(exc)}") from exc
-            return harmonic_from_infrared(ir)
+            return from_infrared(ir, method=self.method)
 
     def relax(self, atoms: Atoms, fmax: float = 0.01, *, steps: int = 1000, optimizer: str = "BFGS",
               logfile: str | None = None, trajectory: str | None = None) -> Atoms:
@@ -250,21 +241,6 @@ class ReferenceBackend:
         out = Atoms(numbers=work.numbers, positions=work.positions, info=dict(atoms.info))
         out.calc = SinglePointCalculator(out, **results)
         return out
-
-
-def harmonic_from_infrared(ir) -> Harmonic:
-    """:class:`Harmonic` from an ASE ``Infrared`` object after ``read()``."""
-    from ase.units import invcm
-
-    hnu = np.asarray(ir.hnu, dtype=complex)  # eV; imaginary for unstable modes
-    freq = np.where(np.abs(hnu.imag) > np.abs(hnu.real), -np.abs(hnu.imag), hnu.real) / invcm
-    order = np.argsort(freq, kind="stable")
-    n = len(ir.atoms)
-    modes = np.zeros((len(freq), n, 3))
-    for k, i in enumerate(order):
-        modes[k][ir.indices] = ir.get_mode(int(i))[ir.indices]
-    return Harmonic(frequencies=freq[order], intensities=np.asarray(ir.intensities)[order] * KM_PER_MOL_PER_D2A2AMU,
-                    modes=modes)
 
 
 def _checked_label(name: str, energy, forces, dipole, info: dict) -> Label:

@@ -21,6 +21,10 @@ What it guarantees:
   a worker process that dies) goes to the ``failed`` table of the same SQLite file with its reason, and
   the batch goes on.
 
+Interruption: when the call is left by an exception (SIGTERM turned into SystemExit by the caller, Ctrl-C,
+an error) the pool's workers are terminated at once, not awaited; pool workers also end when the labelling
+process dies (``PR_SET_PDEATHSIG``), so a SIGKILL leaves no worker behind.
+
 Parallelism: ``executor="process"`` (default) runs a local pool of ``workers`` processes with ``threads``
 OpenMP threads each, ``workers x threads = cores`` unless given; ``executor="mpi"`` uses
 ``mpi4py.futures.MPIPoolExecutor`` for multi-node runs (start with
@@ -153,7 +157,16 @@ def failed_atoms(db_path, method: str | None = None) -> list[Atoms]:
 _WORKER_BACKENDS: dict = {}
 
 
-def _init_worker(threads: int | None) -> None:
+def _init_worker(threads: int | None, parent: int | None = None) -> None:
+    if parent is not None:  # a pool worker: it ends with the labeller, even one killed by SIGKILL
+        import signal
+
+        from al_manager.processes import die_with_parent
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the labeller's to handle (it ends the pool)
+        die_with_parent(signal.SIGTERM)
+        if os.getppid() != parent:  # the labeller died before prctl took effect
+            os._exit(1)
     if threads:
         set_num_threads(threads)
 
@@ -211,13 +224,32 @@ def _make_executor(kind: str, workers: int, threads: int | None):
         from concurrent.futures import ProcessPoolExecutor
 
         return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(threads,))
+                                   initializer=_init_worker, initargs=(threads, os.getpid()))
     if kind == "mpi":
         from mpi4py.futures import MPIPoolExecutor
 
         env = {"OMP_NUM_THREADS": str(threads)} if threads else None
         return MPIPoolExecutor(max_workers=workers, env=env)
     raise ValueError(f"executor must be 'process', 'mpi' or 'serial', not {kind!r}")
+
+
+def _abort(pool) -> None:
+    """End the pool now (SIGTERM, Ctrl-C, an error): its workers are terminated rather than awaited, so no
+    worker (and, with them gone, no multiprocessing resource tracker) outlives the labeller. Results in
+    flight are lost; the labels already written stay, and a rerun skips them."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    try:
+        pool.shutdown(wait=bool(processes), cancel_futures=True)
+    except Exception:  # pragma: no cover - a pool broken by the terminated workers
+        pass
+    for proc in processes:
+        proc.join(timeout=5)
+        if proc.is_alive():  # pragma: no cover - ignores SIGTERM
+            proc.kill()
+            proc.join(timeout=5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,6 +416,7 @@ def label_structures(structures: list[Atoms], backend: str, db_path, *, workers:
     crashes: Counter = Counter()
     max_inflight = 2 * (workers or 64)
     pool = _make_executor(executor, workers, threads)
+    finished = False
     try:
         while pending or inflight:
             while pending and len(inflight) < max_inflight:
@@ -430,8 +463,12 @@ def label_structures(structures: list[Atoms], backend: str, db_path, *, workers:
                         pending.appendleft(i)
                 pool = _make_executor(executor, workers, threads)
                 report.pool_restarts += 1
+        finished = True
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if finished:
+            pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            _abort(pool)
         if bar is not None:
             bar.close()
     report.seconds = time.perf_counter() - t_start

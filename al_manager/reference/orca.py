@@ -31,7 +31,9 @@ import numpy as np
 from ase import Atoms
 from ase.units import Hartree
 
-from .base import Harmonic, Label, ReferenceBackend, ReferenceError, _checked_label, _one_line
+from spectra.harmonic import HarmonicIR
+
+from .base import Label, ReferenceBackend, ReferenceError, _checked_label, _one_line
 
 #: The paper's single-point input (ORCA 5): energy + gradient, the dipole comes with every run.
 PAPER_SIMPLE_INPUT = "PBE0 def2-SVP def2/J RIJCOSX TightSCF EnGrad DEFGRID2"
@@ -233,8 +235,8 @@ def read_orca_normal_modes(out) -> np.ndarray:
     return np.array([[columns[k].get(i, 0.0) for k in range(n)] for i in range(n)])
 
 
-def read_orca_harmonic(out, masses) -> Harmonic:
-    """:class:`Harmonic` of a ``Freq`` run; ``masses`` (amu, one per atom) turn ORCA's normal modes into
+def read_orca_harmonic(out, masses) -> HarmonicIR:
+    """:class:`HarmonicIR` of a ``Freq`` run; ``masses`` (amu, one per atom) turn ORCA's normal modes into
     the ASE convention (mass-weighted unit eigenvector times m^-1/2)."""
     freq, inten = read_orca_frequencies(out)
     raw = read_orca_normal_modes(out)
@@ -250,7 +252,7 @@ def read_orca_harmonic(out, masses) -> Harmonic:
         if norm > 0:
             modes[k] = (e / norm / sqrt_m).reshape(n_atoms, 3)
     order = np.argsort(freq, kind="stable")
-    return Harmonic(frequencies=freq[order], intensities=inten[order], modes=modes[order])
+    return HarmonicIR(freq[order], inten[order], modes[order], "orca")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,7 +367,7 @@ class OrcaBackend(ReferenceBackend):
         self._cleanup(root)
         return label
 
-    def harmonic(self, atoms: Atoms, **_ignored) -> Harmonic:
+    def harmonic(self, atoms: Atoms, **_ignored) -> HarmonicIR:
         """Analytic ORCA frequencies and IR intensities (``Freq``) at the given geometry."""
         simple = re.sub(r"\bEnGrad\b", "Freq", self.simple_input)
         if "Freq" not in simple:

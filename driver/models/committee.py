@@ -19,15 +19,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from ase.data import atomic_masses, atomic_numbers, chemical_symbols
+
+from spectra.atomic import write_dir
 
 from .dipole_model import DipoleModel
 from .energy_model import EnergyModel
@@ -340,25 +339,6 @@ def build_committee(config: ModelConfig | None = None, n_members: int = 3, n_dip
 
 
 # -------------------------------------------------------------------- files
-def _atomic_write_dir(target: Path, write) -> None:
-    """Write a folder completely in a temporary sibling, then swap it in: a crash never leaves half a model."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_committee(committee: Committee, path: str | Path) -> Path:
     from driver import __version__
 
@@ -384,30 +364,110 @@ def save_committee(committee: Committee, path: str | Path) -> Path:
         }
         (folder / "committee.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
 
-    _atomic_write_dir(Path(path), write)
+    write_dir(Path(path), write)
     return Path(path)
 
 
+class ModelFileError(ValueError):
+    """A committee folder whose files are damaged or not nanosil's: the message names the file."""
+
+
+def _brief(exc: BaseException, limit: int = 160) -> str:
+    """The first sentence of an exception's message on one line (torch's run to a paragraph)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    first = text.split(". ")[0].rstrip(".")
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def _unreadable_checkpoint(file: Path, exc: BaseException) -> str:
+    with open(file, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        return f"{file}: not a nanosil checkpoint ({'an empty file' if not head else 'not a torch weights file'})"
+    reason = "torch cannot read the archive" if isinstance(exc, OSError) else _brief(exc)
+    return f"{file}: truncated or damaged checkpoint ({reason}); retrain or restore the file"
+
+
+def _read_meta(meta_file: Path) -> dict:
+    try:
+        text = meta_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{meta_file}: cannot be read ({_brief(exc)})") from None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if not text.strip():
+            raise ModelFileError(f"{meta_file}: empty file, not a nanosil committee") from None
+        if exc.msg.startswith("Unterminated string") or exc.pos >= len(text.rstrip()):
+            raise ModelFileError(f"{meta_file}: truncated (the JSON ends early, at line {exc.lineno}); "
+                                 f"retrain or restore the file") from None
+        raise ModelFileError(f"{meta_file}: not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}); "
+                             f"not a nanosil committee") from None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{meta_file}: not a nanosil committee (a JSON {type(meta).__name__}, not an object)")
+    return meta
+
+
 def load_committee(path: str | Path, dtype: torch.dtype = torch.float32) -> Committee:
+    """Read a committee folder. Raises FileNotFoundError when ``path`` has no ``committee.json`` and
+    :class:`ModelFileError` (a ValueError naming the file) when a file is truncated, damaged or not nanosil's."""
     path = Path(path)
     meta_file = path / "committee.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} is not a nanosil model folder (no committee.json)")
-    meta = json.loads(meta_file.read_text())
+    meta = _read_meta(meta_file)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_file}: not a nanosil committee (format {meta.get('format')!r})")
+        raise ModelFileError(f"{meta_file}: not a nanosil committee (format {meta.get('format')!r})")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_file}: checkpoint format version {meta.get('format_version')} is incompatible "
-                         f"with this nanosil, which reads version {FORMAT_VERSION}; retrain or use the "
-                         f"nanosil version that wrote it ({meta.get('nanosil_version')})")
-    config = ModelConfig(**meta["config"])
-    em = _energy_model(config, meta["n_energy_members"])
-    dm = _dipole_model(config, meta["n_dipole_members"])
-    for name, model in (("energy.pt", em), ("dipole.pt", dm)):
-        if model is not None:
-            model.load_state_dict(torch.load(path / name, map_location="cpu", weights_only=True))
-            model.to(dtype)
-            model.eval()
-    shift = np.array([meta["energy_shift_eV"][s] for s in config.species], dtype=float)
-    return Committee(config, em, dm, shift, meta.get("calibration", {"energy": 1.0, "forces": 1.0}),
-                     meta.get("version", "unknown"), meta.get("metadata", {}))
+        raise ModelFileError(f"{meta_file}: checkpoint format version {meta.get('format_version')} is incompatible "
+                             f"with this nanosil, which reads version {FORMAT_VERSION}; retrain or use the "
+                             f"nanosil version that wrote it ({meta.get('nanosil_version')})")
+    missing = [k for k in ("config", "n_energy_members", "n_dipole_members", "energy_shift_eV") if k not in meta]
+    if missing:
+        raise ModelFileError(f"{meta_file}: missing key(s) {', '.join(missing)}: damaged or not written by nanosil")
+    sizes = {k: meta[k] for k in ("n_energy_members", "n_dipole_members")}
+    bad = [f"{k}={v!r}" for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+    if bad or sizes["n_energy_members"] + sizes["n_dipole_members"] == 0:
+        raise ModelFileError(f"{meta_file}: invalid member counts ({', '.join(bad) or 'no members'})")
+    try:
+        if not isinstance(meta["config"], dict):
+            raise TypeError(f"'config' is a {type(meta['config']).__name__}, not an object")
+        config = ModelConfig(**meta["config"])
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"{meta_file}: invalid model config ({_brief(exc)})") from None
+    shifts = meta["energy_shift_eV"]
+    lacking = [s for s in config.species if not isinstance(shifts, dict) or s not in shifts]
+    if lacking:
+        raise ModelFileError(f"{meta_file}: energy_shift_eV lacks species {', '.join(lacking)}")
+    try:
+        shift = np.array([float(shifts[s]) for s in config.species], dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"{meta_file}: invalid energy_shift_eV ({_brief(exc)})") from None
+    em = _energy_model(config, sizes["n_energy_members"])
+    dm = _dipole_model(config, sizes["n_dipole_members"])
+    for name, model, count in (("energy.pt", em, sizes["n_energy_members"]),
+                               ("dipole.pt", dm, sizes["n_dipole_members"])):
+        if model is None:
+            continue
+        file = path / name
+        if not file.is_file():
+            raise ModelFileError(f"{file}: missing ({meta_file.name} lists {count} member(s) for it)")
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated zip, foreign pickle, I/O error: torch raises many kinds
+            raise ModelFileError(_unreadable_checkpoint(file, exc)) from None
+        if not isinstance(state, dict):
+            raise ModelFileError(f"{file}: not a nanosil checkpoint (holds a {type(state).__name__}, not weights)")
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"{file}: does not match {meta_file.name} (not this committee's checkpoint: "
+                                 f"{_brief(exc, 200)})") from None
+        model.to(dtype)
+        model.eval()
+    calibration = meta.get("calibration", {"energy": 1.0, "forces": 1.0})
+    if not isinstance(calibration, dict):
+        raise ModelFileError(f"{meta_file}: invalid calibration ({calibration!r})")
+    metadata = meta.get("metadata", {})
+    return Committee(config, em, dm, shift, calibration, meta.get("version", "unknown"),
+                     metadata if isinstance(metadata, dict) else {})

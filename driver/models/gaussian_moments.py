@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -249,6 +250,76 @@ def invariants(psi: torch.Tensor, index: torch.Tensor, pair_table: torch.Tensor,
     return torch.cat(parts, dim=-1).index_select(-1, index)
 
 
+@dataclass
+class PairTerms:
+    """The pair terms of the neighbour sums M of a batch: they depend on the positions only, not on any
+    learnable weight, and hold what the first derivatives of M need (all (B, N, N, ...))."""
+
+    by_species: torch.Tensor   # g_s'(d_ij) f_c(d_ij) in the slot (Z_j, s'), (B, N, N, S*n_basis)
+    ang: torch.Tensor          # A_m(u_ij), (B, N, N, 20)
+    dradial: torch.Tensor      # d [g_s' f_c] / d d_ij, (B, N, N, n_basis)
+    unit: torch.Tensor         # u_ij, (B, N, N, 3); 0 where the pair does not exist
+    d: torch.Tensor            # d_ij Å; 1 where the pair does not exist
+    species: torch.Tensor      # (B, N)
+    n_species: int
+
+
+def pair_terms(r: torch.Tensor, species: torch.Tensor, mask: torch.Tensor, n_species: int, centres: torch.Tensor,
+               beta: float, cutoff: float) -> tuple[torch.Tensor, PairTerms]:
+    """The neighbour sums M (B, N, S*n_basis, 20) of positions ``r`` (B, N, 3) Å, and their pair terms."""
+    b, n, _ = r.shape
+    rij = r[:, None, :, :] - r[:, :, None, :]
+    eye = torch.eye(n, dtype=torch.bool, device=r.device)
+    real = mask[:, :, None] & mask[:, None, :] & ~eye
+    d = torch.sqrt(torch.where(real, (rij * rij).sum(-1), torch.ones_like(rij[..., 0])))
+    within = (real & (d < cutoff)).to(r.dtype)
+    unit = rij / d[..., None] * real[..., None]
+    arg = d * (math.pi / cutoff)
+    fc = 0.5 * (torch.cos(arg) + 1.0) * within
+    dfc = -0.5 * (math.pi / cutoff) * torch.sin(arg) * within
+    diff = d[..., None] - centres
+    g = gaussian(-beta * diff * diff)                                              # (B, N, N, n_basis)
+    radial = g * fc[..., None]
+    dradial = g * (dfc[..., None] - 2.0 * beta * diff * fc[..., None])            # d radial / d d_ij
+    onehot = nn.functional.one_hot(species.clamp(min=0), n_species).to(r.dtype) * mask[..., None]
+    by_species = (onehot[:, None, :, :, None] * radial[:, :, :, None, :]).reshape(b, n, n, -1)
+    ang = angular_moments(unit)                                                    # (B, N, N, 20)
+    m = torch.matmul(by_species.transpose(-1, -2), ang)                           # (B, N, Q, 20)
+    return m, PairTerms(by_species, ang, dradial, unit, d, species, n_species)
+
+
+def moment_sums_vjp(t: PairTerms, grad: torch.Tensor) -> torch.Tensor:
+    """dL/dr (R, B, N, 3) from R cotangents dL/dM (R, B, N, Q, 20): the position gradient of the sums."""
+    s, nb = t.n_species, t.dradial.shape[-1]
+    d_by_species = torch.matmul(t.ang[None], grad.transpose(-1, -2))              # (R, B, N, N, Q)
+    d_ang = torch.matmul(t.by_species[None], grad)                                # (R, B, N, N, 20)
+    index = t.species.clamp(min=0)[None, :, None, :, None, None].expand(*d_by_species.shape[:4], 1, nb)
+    d_radial = torch.gather(d_by_species.reshape(*d_by_species.shape[:4], s, nb), 4, index)[..., 0, :]
+    d_dist = (d_radial * t.dradial).sum(-1)                                        # (R, B, N, N)
+    # dL/du_x = sum_m dL/dA_m dA_m/du_x, with dA_m/du_x linear in the monomials of order <= 2
+    table = ANGULAR_JACOBIAN.to(grad.dtype).reshape(N_MOMENTS, 30)
+    d_unit = (torch.matmul(d_ang, table).unflatten(-1, (3, 10)) * t.ang[None, ..., None, :10]).sum(-1)
+    radial_part = (d_unit * t.unit).sum(-1, keepdim=True)
+    g_rij = d_dist[..., None] * t.unit + (d_unit - radial_part * t.unit) / t.d[..., None]  # dL/d(r_j - r_i)
+    return g_rij.sum(-3) - g_rij.sum(-2)                                           # (R, B, N, 3)
+
+
+def moment_sums_jvp(t: PairTerms, dr: torch.Tensor) -> torch.Tensor:
+    """dM (B, N, Q, 20) for a displacement dr (B, N, 3) Å: the adjoint of :func:`moment_sums_vjp`."""
+    b, n = t.d.shape[:2]
+    drij = dr[:, None, :, :] - dr[:, :, None, :]                                   # d(r_j - r_i)
+    dd = (drij * t.unit).sum(-1, keepdim=True)                                     # d d_ij
+    du = (drij - dd * t.unit) / t.d[..., None]                                     # d u_ij
+    onehot = nn.functional.one_hot(t.species.clamp(min=0), t.n_species).to(dr.dtype)
+    d_radial = dd * t.dradial                                                      # (B, N, N, n_basis)
+    # the one-hot of j puts each term in its species slot; padding atoms have zero pair terms anyway
+    d_by_species = (onehot[:, None, :, :, None] * d_radial[:, :, :, None, :]).reshape(b, n, n, -1)
+    table = ANGULAR_JACOBIAN.to(dr.dtype).reshape(N_MOMENTS, 30)
+    d_ang = torch.matmul((du[..., :, None] * t.ang[..., None, :10]).reshape(b, n, n, 30), table.t())
+    return (torch.matmul(t.by_species.transpose(-1, -2), d_ang)
+            + torch.matmul(d_by_species.transpose(-1, -2), t.ang))
+
+
 class _MomentSums(torch.autograd.Function):
     """M[r, b, i, (z, s'), m] = sum_{j of species z} g_s'(d_ij) f_c(d_ij) A_m(u_ij) with a hand-written
     backward, for inference (forces without ``create_graph``).
@@ -257,52 +328,35 @@ class _MomentSums(torch.autograd.Function):
     its own forces, else 1). The sums are computed once, from replica 0, and returned R times; the backward
     takes R different cotangents (one per member) and returns R position gradients, i.e. every member's
     forces, for about the cost of R backward passes through the pair terms alone. Autograd through
-    :meth:`GaussianMomentDescriptor.shared_moments` gives the same numbers (tested) and is what training
-    and Hessians use: this backward is not differentiable again."""
+    :meth:`GaussianMomentDescriptor.shared_moments` gives the same numbers (tested) and is what Hessians
+    use: this backward is not differentiable again (training uses :class:`MomentForces`)."""
 
     @staticmethod
     def forward(ctx, positions, species, mask, n_species, centres, beta, cutoff):
         if positions.shape[0] > 1 and not torch.equal(positions[0], positions[-1]):
             raise ValueError("_MomentSums: the replicas of the positions differ (they must be copies)")
-        r = positions[0]                                                           # (B, N, 3)
-        b, n, _ = r.shape
-        rij = r[:, None, :, :] - r[:, :, None, :]
-        eye = torch.eye(n, dtype=torch.bool, device=r.device)
-        real = mask[:, :, None] & mask[:, None, :] & ~eye
-        d = torch.sqrt(torch.where(real, (rij * rij).sum(-1), torch.ones_like(rij[..., 0])))
-        within = (real & (d < cutoff)).to(r.dtype)
-        unit = rij / d[..., None] * real[..., None]
-        arg = d * (math.pi / cutoff)
-        fc = 0.5 * (torch.cos(arg) + 1.0) * within
-        dfc = -0.5 * (math.pi / cutoff) * torch.sin(arg) * within
-        diff = d[..., None] - centres
-        g = gaussian(-beta * diff * diff)                                          # (B, N, N, n_basis)
-        radial = g * fc[..., None]
-        dradial = g * (dfc[..., None] - 2.0 * beta * diff * fc[..., None])        # d radial / d d_ij
-        onehot = nn.functional.one_hot(species.clamp(min=0), n_species).to(r.dtype) * mask[..., None]
-        by_species = (onehot[:, None, :, :, None] * radial[:, :, :, None, :]).reshape(b, n, n, -1)
-        ang = angular_moments(unit)                                                # (B, N, N, 20)
-        m = torch.matmul(by_species.transpose(-1, -2), ang)                       # (B, N, Q, 20)
-        ctx.save_for_backward(by_species, ang, dradial, unit, d, species)
-        ctx.n_species = n_species
+        m, ctx.terms = pair_terms(positions[0], species, mask, n_species, centres, beta, cutoff)
         return m.expand(positions.shape[0], *m.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        by_species, ang, dradial, unit, d, species = ctx.saved_tensors
-        s, nb = ctx.n_species, dradial.shape[-1]
-        d_by_species = torch.matmul(ang[None], grad.transpose(-1, -2))            # (R, B, N, N, Q)
-        d_ang = torch.matmul(by_species[None], grad)                              # (R, B, N, N, 20)
-        index = species.clamp(min=0)[None, :, None, :, None, None].expand(*d_by_species.shape[:4], 1, nb)
-        d_radial = torch.gather(d_by_species.reshape(*d_by_species.shape[:4], s, nb), 4, index)[..., 0, :]
-        d_dist = (d_radial * dradial).sum(-1)                                      # (R, B, N, N)
-        # dL/du_x = sum_m dL/dA_m dA_m/du_x, with dA_m/du_x linear in the monomials of order <= 2
-        table = ANGULAR_JACOBIAN.to(grad.dtype).reshape(N_MOMENTS, 30)
-        d_unit = (torch.matmul(d_ang, table).unflatten(-1, (3, 10)) * ang[None, ..., None, :10]).sum(-1)
-        radial_part = (d_unit * unit).sum(-1, keepdim=True)
-        g_rij = d_dist[..., None] * unit + (d_unit - radial_part * unit) / d[..., None]  # dL/d(r_j - r_i)
-        g_pos = g_rij.sum(-3) - g_rij.sum(-2)                                      # (R, B, N, 3)
-        return g_pos, None, None, None, None, None, None
+        return moment_sums_vjp(ctx.terms, grad), None, None, None, None, None, None
+
+
+class MomentForces(torch.autograd.Function):
+    """dE/dr (B, N, 3) from dE/dM (B, N, Q, 20), for training on forces: the positions are data, so the
+    pair terms are constants and this map is linear in dE/dM; its backward, the JVP of M, gives the force
+    loss its gradient with respect to dE/dM (hence to every weight) without second derivatives of the
+    geometry. Equal to double backward through :meth:`GaussianMomentDescriptor.shared_moments` (tested)."""
+
+    @staticmethod
+    def forward(ctx, grad_m, terms: PairTerms):
+        ctx.terms = terms
+        return moment_sums_vjp(terms, grad_m[None])[0]
+
+    @staticmethod
+    def backward(ctx, grad_r):
+        return moment_sums_jvp(ctx.terms, grad_r), None
 
 
 class GaussianMomentDescriptor(nn.Module):
@@ -363,7 +417,6 @@ class GaussianMomentDescriptor(nn.Module):
         frozen coefficients it runs the compiled descriptor (:class:`~driver.models.fast_kernels.DescriptorC`)
         where it is built, else :class:`_MomentSums` and the PyTorch invariants."""
         k = self.coefficients.shape[0]
-        # Coefficients of the centre atom's species: (K, B, N, S*n_basis, n_radial).
         c = self.coefficients.reshape(k, self.n_species, self.n_species * self.n_basis, self.n_radial)
         if fast and fast_kernels.AVAILABLE and not self.coefficients.requires_grad:
             positions, b = self._replicas(batch, k if per_member else 1)
@@ -382,8 +435,18 @@ class GaussianMomentDescriptor(nn.Module):
             psi = torch.einsum("kbiqs,kbiqm->kbism", c_i, m)                       # (K, B, N, n_radial, 20)
         else:
             m = self._fast_moments(batch, 1)[0] if fast else self.shared_moments(batch)
-            c_i = c[:, batch.species.clamp(min=0)] / math.sqrt(self.n_basis)
-            psi = torch.einsum("kbiqs,biqm->kbism", c_i, m)                       # (K, B, N, n_radial, 20)
+            psi = torch.einsum("kbiqs,biqm->kbism", self.centre_coefficients(batch.species), m)
+        return self.features_from_moments(psi)
+
+    def centre_coefficients(self, species: torch.Tensor) -> torch.Tensor:
+        """(K, B, N, S*n_basis, n_radial): every member's radial contraction for the species of each centre
+        atom, divided by sqrt(n_basis); psi = einsum("kbiqs,biqm->kbism", this, M)."""
+        k = self.coefficients.shape[0]
+        c = self.coefficients.reshape(k, self.n_species, self.n_species * self.n_basis, self.n_radial)
+        return c[:, species.clamp(min=0)] / math.sqrt(self.n_basis)
+
+    def features_from_moments(self, psi: torch.Tensor) -> torch.Tensor:
+        """Features (..., n_features) from the moments psi (..., n_radial, 20)."""
         lead = psi.shape[:-2]
         tables = [getattr(self, f"triple_table_{k}").to(psi.dtype) for k in range(len(TRIPLE_GROUPS))]
         feats = invariants(psi.reshape(-1, *psi.shape[-2:]), self.feature_index, self.pair_table.to(psi.dtype),

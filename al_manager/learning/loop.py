@@ -1,24 +1,24 @@
 """The active-learning loop (the paper's Fig. 2), resumable from its work directory at any moment.
 
-Steps, each recorded in ``WORKDIR/state.json`` (:mod:`al_manager.state`) before the next begins:
+Steps, each recorded in ``WORKDIR/state.json`` (:mod:`al_manager.learning.state`) before the next begins:
 
 iteration 0 (``nanosil al init``)
     ``initial_data``: normal-mode sampling + farthest point sampling for every structure
-    (:func:`al_manager.initial_data.make_initial_data`), kept in ``WORKDIR/initial/NAME.extxyz``;
+    (:func:`al_manager.learning.initial_data.make_initial_data`), kept in ``WORKDIR/initial/NAME.extxyz``;
     ``initial_label``: labelled with the reference backend into ``WORKDIR/data.db``;
     ``initial_train``: the first committee, ``WORKDIR/models/iter_000``; ``measure``.
 iteration k = 1, 2, ...
-    ``sampling``: one i-PI run per (structure, temperature) (:mod:`al_manager.sampling`);
+    ``sampling``: one i-PI run per (structure, temperature) (:mod:`al_manager.learning.sampling`);
     ``labelling``: the flagged frames, in parallel, into ``data.db``;
     ``training``: warm start from ``models/iter_{k-1}`` into ``models/iter_k``;
-    ``measure``: harmonic-frequency MAE/RMSE against the reference (:mod:`al_manager.measure`), validation
-    errors, label counts; a row of ``report.csv`` and ``learning_curve.png`` (:mod:`al_manager.report`).
+    ``measure``: harmonic-frequency MAE/RMSE against the reference (:mod:`al_manager.learning.measure`), validation
+    errors, label counts; a row of ``report.csv`` and ``learning_curve.png`` (:mod:`al_manager.learning.report`).
 It stops when the harmonic MAE has not improved for ``patience`` iterations or after ``max_iterations``.
 
 Durability: labels are written one transaction each and never computed twice (the dataset's structure
 hash); models are written atomically; the state file after every step, every flagged frame and every
 run's end. A manager killed at any moment (SIGKILL included) is resumed by running the same command: the
-processes it left are ended first (:func:`al_manager.state.end_orphans`), then the interrupted step is
+processes it left are ended first (:func:`al_manager.processes.end_orphans`), then the interrupted step is
 redone from its recorded inputs. ``WORKDIR/al.log`` (and stdout) gets one line per step.
 """
 from __future__ import annotations
@@ -31,44 +31,23 @@ import secrets
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .sampling import Sampler, SamplingSettings, frames_as_atoms, plan_runs, summarize
-from .state import OWNER_ENV, State, WorkdirLock, end_orphans, write_atomic
+from spectra.atomic import write_text, write_with
+
+from .sampling import Sampler, frames_as_atoms, plan_runs, summarize
+from al_manager.processes import OWNER_ENV, end_orphans
+
+from .state import State, WorkdirLock
+
+if TYPE_CHECKING:
+    from .config import ALConfig
 
 DB_NAME = "data.db"
 LOG_NAME = "al.log"
 REPORT_NAME = "report.csv"
 CURVE_NAME = "learning_curve.png"
-
-
-# ---------------------------------------------------------------------- what the loop needs
-@dataclass
-class LoopPlan:
-    """Everything the loop takes from the TOML configuration, resolved (paths absolute)."""
-
-    workdir: Path
-    structures: dict[str, str]            # name -> structure file
-    temperatures: list[float]             # K
-    backend: str
-    backend_options: dict = field(default_factory=dict)
-    label_workers: int = 1
-    train: dict = field(default_factory=dict)      # TrainConfig fields (committee, epochs, model, ...)
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    patience: int = 3
-    max_iterations: int = 20
-    relax_reference: bool = True
-    seed: int = 0
-    initial_data: object = None           # al_manager.initial_data.InitialDataSettings (None: defaults)
-
-
-def plan_from_config(cfg) -> LoopPlan:
-    """Map the typed configuration (:class:`al_manager.config.ALConfig`) onto what the loop uses."""
-    from .config import loop_plan
-
-    return loop_plan(cfg)
 
 
 # ---------------------------------------------------------------------- log
@@ -121,11 +100,14 @@ def _owner_tag(token: str):
 
 # ---------------------------------------------------------------------- the manager
 class Manager:
-    def __init__(self, plan: LoopPlan, state: State, log: Callable[[str], None], make_initial: Callable | None = None):
-        self.plan = plan
+    """Runs the steps of :mod:`al_manager.learning.loop` for one configuration (:class:`ALConfig`, as loaded)."""
+
+    def __init__(self, config: "ALConfig", state: State, log: Callable[[str], None],
+                 make_initial: Callable | None = None):
+        self.config = config
         self.state = state
         self.log = log
-        self.workdir = plan.workdir
+        self.workdir = config.workdir
         self.db = self.workdir / DB_NAME
         self.make_initial = make_initial
         self._references = None
@@ -180,9 +162,10 @@ class Manager:
         if self.state.phase != "done":
             return
         k = self.final_iteration()
-        if (self.state.get("stop_reason") or "").startswith("max_iterations") and k < self.plan.max_iterations \
-                and self.state.get("since_best", 0) < self.plan.patience:
-            self.log(f"max_iterations raised to {self.plan.max_iterations}: continuing after iteration {k}")
+        stopping = self.config.stopping
+        if (self.state.get("stop_reason") or "").startswith("max_iterations") and k < stopping.max_iterations \
+                and self.state.get("since_best", 0) < stopping.patience:
+            self.log(f"max_iterations raised to {stopping.max_iterations}: continuing after iteration {k}")
             self.state["stop_reason"] = None
             self.state.set_phase("sampling", k + 1)
 
@@ -196,21 +179,19 @@ class Manager:
         # reuse its displaced calculations (the expensive part with a DFT backend)
         references = self.references()
         total = 0
-        for name, path in self.plan.structures.items():
+        for name, path in self.config.structure_files.items():
             out = folder / f"{name}.extxyz"
             if out.exists():
                 total += len(read(str(out), index=":"))
                 continue
             t0 = time.time()
             if self.make_initial is not None:
-                frames = self.make_initial(name, path)
+                frames = self.make_initial(name, str(path))
             else:
                 frames = self._make_initial(name, references[name].atoms)
             for atoms in frames:
                 atoms.info.setdefault("cluster", name)
-            tmp = folder / f".{name}.extxyz.tmp"
-            write(str(tmp), frames, format="extxyz")
-            os.replace(tmp, out)
+            write_with(out, lambda tmp, frames=frames: write(str(tmp), frames, format="extxyz"))
             total += len(frames)
             self.log(f"initial data: {name}: {len(frames)} structures (normal modes + FPS) "
                      f"in {time.time() - t0:.0f} s -> {out.relative_to(self.workdir)}")
@@ -218,24 +199,21 @@ class Manager:
         self.state.set_phase("initial_label", 0)
 
     def _make_initial(self, name: str, minimum):
-        from al_manager.reference.base import get_backend
-
-        from .initial_data import InitialDataSettings, make_initial_data
+        from .initial_data import make_initial_data
 
         from .measure import clear_interrupted_cache
 
-        settings = self.plan.initial_data or InitialDataSettings()
-        backend = get_backend(self.plan.backend, **(self.plan.backend_options or {}))
+        backend = self.config.backend()
         displacements = self.workdir / "reference" / f"{name}_displacements"
         clear_interrupted_cache(displacements)
-        return make_initial_data(minimum, backend, settings, name=name, workdir=displacements,
+        return make_initial_data(minimum, backend, self.config.initial_data, name=name, workdir=displacements,
                                  log=lambda m: self.log(f"initial data: {m}"))
 
     def initial_label(self) -> None:
         from ase.io import read
 
         frames = []
-        for name in self.plan.structures:
+        for name in self.config.structure_files:
             frames += read(str(self.workdir / "initial" / f"{name}.extxyz"), index=":")
         report = self._label(frames, origin_default="normal_modes", source="initial data")
         self.state["initial"].update(labelled=self.n_labels(), failed=len(frames) - self.n_labels())
@@ -248,15 +226,15 @@ class Manager:
     # -- iteration k ------------------------------------------------------------------------------
     def sampling(self) -> None:
         k = self.state.iteration
-        specs = plan_runs(self.start_structures(), self.plan.temperatures)
+        specs = plan_runs(self.start_structures(), self.config.temperatures)
         self.state.iteration_record(k)
         self.state.save()
         model = self._model_of(k - 1)
-        self.log(f"iteration {k}: sampling {len(specs)} run(s) ({len(self.plan.structures)} structure(s) x "
-                 f"{len(self.plan.temperatures)} temperature(s)), {self.plan.sampling.max_parallel} at a time, "
+        self.log(f"iteration {k}: sampling {len(specs)} run(s) ({len(self.config.structures)} structure(s) x "
+                 f"{len(self.config.temperatures)} temperature(s)), {self.config.sampling.parallel_runs} at a time, "
                  f"model {model.name}")
         t0 = time.time()
-        record = Sampler(self.state, k, specs, model, self.iter_dir(k), self.plan.sampling,
+        record = Sampler(self.state, k, specs, model, self.iter_dir(k), self.config.sampling,
                          previous_iter_dir=self.iter_dir(k - 1) if k > 1 else None, log=self.log).run()
         s = summarize(record)
         record["sampling_seconds"] = round(record.get("sampling_seconds", 0.0) + time.time() - t0, 1)
@@ -299,9 +277,9 @@ class Manager:
         """Where sampling starts: each structure's minimum relaxed with the reference method (the minimum
         the initial data were built around), or its file when it was not relaxed."""
         out = {}
-        for name, path in self.plan.structures.items():
+        for name, path in self.config.structure_files.items():
             relaxed = self.workdir / "reference" / f"{name}_relaxed.extxyz"
-            out[name] = str(relaxed) if self.plan.relax_reference and relaxed.is_file() else path
+            out[name] = str(relaxed) if self.config.initial_data.relax and relaxed.is_file() else str(path)
         return out
 
     def _model_of(self, k: int) -> Path:
@@ -315,9 +293,10 @@ class Manager:
         from .measure import reference_harmonics
 
         if self._references is None:
-            self._references = reference_harmonics(self.plan.structures, self.plan.backend,
-                                                    self.workdir / "reference", self.plan.backend_options,
-                                                    relax=self.plan.relax_reference, log=self.log)
+            ref = self.config.reference
+            self._references = reference_harmonics(self.config.structure_files, ref.backend,
+                                                    self.workdir / "reference", ref.options,
+                                                    relax=self.config.initial_data.relax, log=self.log)
         return self._references
 
     def measure(self) -> None:
@@ -361,11 +340,12 @@ class Manager:
         self.log(f"iteration {k}: harmonic MAE {mae:.2f} cm^-1, RMSE {errors['rmse_cm-1']:.2f} cm^-1 "
                  f"({per}); validation {_fmt_val(val)}; {row['labels']} labels; {trend} [{time.time() - t0:.0f} s]")
         stop = None
-        if k >= 1 and self.state.get("since_best", 0) >= self.plan.patience:
-            stop = (f"patience: the harmonic MAE has not improved for {self.plan.patience} iteration(s) "
+        stopping = self.config.stopping
+        if k >= 1 and self.state.get("since_best", 0) >= stopping.patience:
+            stop = (f"patience: the harmonic MAE has not improved for {stopping.patience} iteration(s) "
                     f"(best {self.state['best_mae']:.2f} cm^-1 at iteration {self.state['best_iteration']})")
-        elif k >= self.plan.max_iterations:
-            stop = f"max_iterations ({self.plan.max_iterations}) reached"
+        elif k >= stopping.max_iterations:
+            stop = f"max_iterations ({stopping.max_iterations}) reached"
         self.state["started_iteration"] = time.time()
         if stop:
             self.state["stop_reason"] = stop
@@ -382,7 +362,7 @@ class Manager:
         write_report_csv(self.workdir / REPORT_NAME, rows)
         try:
             plot_learning_curve(self.workdir / CURVE_NAME, rows,
-                                title=f"{', '.join(self.plan.structures)} ({self.plan.backend})")
+                                title=f"{', '.join(self.config.structure_files)} ({self.config.reference.backend})")
         except Exception as exc:  # a plotting problem must not stop the learning
             self.log(f"warning: learning curve not drawn: {exc}")
 
@@ -398,31 +378,26 @@ class Manager:
             if atoms.info.get("temperature") is not None:
                 meta["temperature"] = float(atoms.info["temperature"])
             metadata.append(meta)
-        workers = max(1, int(self.plan.label_workers))
+        ref = self.config.reference
         t0 = time.time()
-        report = label_structures(frames, self.plan.backend, self.db, workers=workers,
-                                  backend_options=self.plan.backend_options or None, metadata=metadata,
-                                  executor="serial" if workers == 1 else "process", source=source,
+        report = label_structures(frames, ref.backend, self.db, workers=ref.workers,
+                                  backend_options=ref.options or None, metadata=metadata,
+                                  executor="serial" if ref.workers == 1 else "process", source=source,
                                   progress=False)
-        self.log(f"{source}: labelled {len(frames)} frame(s) with {self.plan.backend}: {report.summary()}; "
+        self.log(f"{source}: labelled {len(frames)} frame(s) with {ref.backend}: {report.summary()}; "
                  f"{self.n_labels()} labels in {self.db.name} [{time.time() - t0:.0f} s]")
         for failure in report.failures[:5]:
             self.log(f"{source}: label failed: {failure.frame}: {failure.reason}")
         return report
 
     def _train(self, k: int, warm_start: Path | None) -> None:
-        from driver.training import TrainConfig, train_committee
+        from driver.training import train_committee
 
         out = self.model_dir(k)
         if (out / "committee.json").is_file():
             self.log(f"iteration {k}: {out.relative_to(self.workdir)} already trained")
             return
-        options = dict(self.plan.train)
-        # the loop logs one line per step; members' epoch lines only when asked for ([train] log_every)
-        options.setdefault("log_every", 10**6)
-        if warm_start is not None:
-            options["warm_start"] = str(warm_start)
-        cfg = TrainConfig(**options)
+        cfg = self.config.train_config(warm_start=warm_start)
         t0 = time.time()
         self.log(f"iteration {k}: training {cfg.committee} + {cfg.dipole_members} member(s) on {self.n_labels()} "
                  f"labels{f' (warm start from {Path(warm_start).name})' if warm_start else ''}")
@@ -443,11 +418,12 @@ def _fmt_val(val: dict) -> str:
 
 
 # ---------------------------------------------------------------------- entry point
-def run_loop(plan: LoopPlan, *, init_only: bool = False, make_initial: Callable | None = None,
+def run_loop(config: "ALConfig", *, init_only: bool = False, make_initial: Callable | None = None,
              stream=None, config_text: str | None = None) -> int:
-    """Run (or resume) active learning in ``plan.workdir``. Returns 0 when finished (or, with
+    """Run (or resume) active learning in ``config.workdir`` (``config``: from
+    :func:`al_manager.learning.config.load_config` or ``parse_config``). Returns 0 when finished (or, with
     ``init_only``, once the initial committee is measured)."""
-    workdir = plan.workdir
+    workdir = config.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     with WorkdirLock(workdir):
         state = State.load(workdir, create=True)
@@ -460,21 +436,23 @@ def run_loop(plan: LoopPlan, *, init_only: bool = False, make_initial: Callable 
             log(f"work directory moved or copied from {state['workdir']}: new owner tag")
         state["workdir"] = here
         state.save()
-        _check_same_structures(state, plan)
+        _check_same_structures(state, config)
         if config_text is not None and not (workdir / "config.toml").exists():
-            write_atomic(workdir / "config.toml", config_text)
+            write_text(workdir / "config.toml", config_text)
         found = end_orphans(state)
         if found:
             log(f"resume: ended {len(found)} process(es) left by an interrupted manager (PIDs "
                 f"{', '.join(map(str, found))})")
         if state.phase != "initial_data" or state.iteration:
-            log(f"resume: phase {state.phase}, iteration {state.iteration}, {Manager(plan, state, log).n_labels()} labels")
+            log(f"resume: phase {state.phase}, iteration {state.iteration}, {Manager(config, state, log).n_labels()} labels")
         else:
-            log(f"start: {len(plan.structures)} structure(s) ({', '.join(plan.structures)}), temperatures "
-                f"{', '.join(f'{t:g}' for t in plan.temperatures)} K, backend {plan.backend}, work directory {workdir}")
+            names = list(config.structure_files)
+            log(f"start: {len(names)} structure(s) ({', '.join(names)}), temperatures "
+                f"{', '.join(f'{t:g}' for t in config.temperatures)} K, backend {config.reference.backend}, "
+                f"work directory {workdir}")
         if "started_iteration" not in state.data:
             state["started_iteration"] = time.time()
-        manager = Manager(plan, state, log, make_initial=make_initial)
+        manager = Manager(config, state, log, make_initial=make_initial)
         with _owner_tag(state.token), _signals_raise():
             try:
                 return manager.run(init_only=init_only)
@@ -488,7 +466,7 @@ def run_loop(plan: LoopPlan, *, init_only: bool = False, make_initial: Callable 
                     log(f"ended {len(left)} leftover child process(es)")
 
 
-def _check_same_structures(state: State, plan: LoopPlan) -> None:
+def _check_same_structures(state: State, config: "ALConfig") -> None:
     """A work directory belongs to one set of structures and temperatures: resuming it with others would
     mix runs. (Thresholds, sizes and limits may change between resumes.)"""
     from driver.data import structure_hash
@@ -498,8 +476,8 @@ def _check_same_structures(state: State, plan: LoopPlan) -> None:
         atoms = read_cluster(path)
         return structure_hash(atoms.numbers, atoms.positions)
 
-    key = {"structures": {n: identity(p) for n, p in plan.structures.items()},
-           "temperatures": [float(t) for t in plan.temperatures], "backend": plan.backend}
+    key = {"structures": {n: identity(p) for n, p in config.structure_files.items()},
+           "temperatures": [float(t) for t in config.temperatures], "backend": config.reference.backend}
     recorded = state.get("identity")
     if recorded is None:
         state["identity"] = key
@@ -512,5 +490,5 @@ def _check_same_structures(state: State, plan: LoopPlan) -> None:
                 detail = (f"structures {', '.join(was)}" if was != now else "other atoms under the same names")
             else:
                 detail = f"{field_name} = {json.dumps(recorded.get(field_name))}"
-            raise ValueError(f"{field_name}: work directory {plan.workdir} was started with {detail}; "
+            raise ValueError(f"{field_name}: work directory {config.workdir} was started with {detail}; "
                              f"use a new work directory for this configuration")

@@ -1,6 +1,6 @@
 """Initial training data of one cluster (the paper's Sec. II B): optional relaxation with the reference
-backend, its harmonic analysis, modified normal-mode sampling (:mod:`al_manager.normal_modes`), then
-farthest point sampling (:mod:`al_manager.fps`) down to ``n_select`` (default 3 x N_atoms) displaced
+backend, its harmonic analysis, modified normal-mode sampling (:mod:`al_manager.learning.normal_modes`), then
+farthest point sampling (:mod:`al_manager.learning.fps`) down to ``n_select`` (default 3 x N_atoms) displaced
 structures plus the minimum itself.
 
 The structures come back unlabelled, each tagged in ``atoms.info``: ``cluster`` (the name), ``origin``
@@ -28,7 +28,7 @@ class InitialDataSettings:
     relax: bool = True                 # relax with the reference backend before the harmonic analysis
     relax_fmax: float = 0.01           # eV/Å
     temperatures: list[float] = field(default_factory=lambda: [100.0, 300.0, 600.0, 1000.0, 1500.0])
-    # K: amplitudes are the classical turning points of a mode carrying k_B T (see al_manager.normal_modes)
+    # K: amplitudes are the classical turning points of a mode carrying k_B T (see al_manager.learning.normal_modes)
     max_displacement: float = 0.3      # Å: no atom of a candidate moves further from the minimum
     n_random: int = 10                 # random combinations of all modes (thermal samples)
     n_select: int | None = None        # displaced structures kept by FPS; default 3 x N_atoms

@@ -33,15 +33,38 @@ def print_table(tables: dict[str, dict]) -> None:
     print(format_table(tables))
 
 
+def training_overlap(committee, frames) -> int:
+    """How many of ``frames`` the committee was trained (or validated) on, from the structure hashes its
+    training recorded in ``metadata["structure_hashes"]`` (:func:`driver.data.structure_hash` of numbers and
+    positions, without the method, possibly cut to a prefix); -1 when the committee records none."""
+    from driver.data import structure_hash
+
+    known = committee.metadata.get("structure_hashes")
+    if not known:
+        return -1
+    known = {str(h) for h in known}
+    width = min(len(h) for h in known)
+    return sum(structure_hash(f.numbers, f.positions)[:width] in known for f in frames)
+
+
 def run(args) -> int:
+    import sys
+
+    from al_manager.cli import UsageError
     from driver.data import read_frames
     from driver.models.committee import load_committee
     from driver.training import error_table
 
     committee = load_committee(args.models, dtype=__import__("torch").float64)
     frames = read_frames(args.db)
-    for f in frames:
-        committee.validate(f.numbers, f.positions, source=str(args.db))
+    if not frames:
+        raise UsageError(f"{args.db} holds no labelled structures: nothing to evaluate")
+    for i, f in enumerate(frames):
+        committee.validate(f.numbers, f.positions, source=f"{args.db} (structure {i})")
+    seen = training_overlap(committee, frames)
+    if seen > 0:
+        print(f"nanosil evaluate: warning: {seen} of {len(frames)} structures in {args.db} are in the training "
+              f"data of {args.models}: the test errors are optimistic", file=sys.stderr, flush=True)
     tables = {}
     errors = committee.metadata.get("errors", {})
     for name in ("train", "validation"):

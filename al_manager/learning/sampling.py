@@ -3,13 +3,13 @@ nanosil-driver``, and one ZMQ PULL socket that collects the frames the committee
 
 For every (structure, temperature) a run folder ``ITERDIR/runs/NAME`` gets an i-PI input rendered from
 ``ipi_inputs/al_sampling.xml`` (:func:`ipi_inputs.render_input`). Runs start in their own process groups,
-at most ``max_parallel`` at a time. A run ends when
+at most ``parallel_runs`` at a time. A run ends when
 
 - it has delivered ``frames_per_run`` uncertain frames: the manager creates i-PI's ``EXIT`` file, i-PI stops
   after the current step and writes its ``RESTART`` checkpoint, tells the driver to exit, and both are
   waited for (status ``done``);
 - i-PI reaches the maximum MD time (``done``, no frame);
-- the committee's disagreement passes the upper cap (the driver reports an exploded structure): stopped
+- the committee's disagreement reaches the trust cap (the driver reports an exploded structure): stopped
   through ``EXIT`` (status ``exploded``); or i-PI or the driver fails (``crashed``, with the reason from the
   logs). Crashed and exploded runs are recorded and the iteration goes on with the others.
 
@@ -19,57 +19,114 @@ temperature; a run whose previous attempt crashed or exploded, or whose checkpoi
 from the reference structure with fresh thermal velocities.
 
 Durability: every received frame and every change of a run's status is written to the state file at once
-(:class:`al_manager.state.State`). A run interrupted by a killed manager is started again (same seed, same
+(:class:`al_manager.learning.state.State`). A run interrupted by a killed manager is started again (same seed, same
 start point) and only needs the frames it still lacks, so an interrupted iteration delivers the same
 number of frames as an uninterrupted one.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import shutil
 import subprocess
-import sys
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
-from ase import Atoms, units
+from ase import Atoms
 
-from .state import State, end_processes, set_parent_death_signal, signal_group_or_pid, tagged_processes
+from driver.geometry_checks import drifted
+from ipi_inputs.files import SOCKETS_PREFIX
+
+from al_manager.processes import cwd_is, die_with_parent, end_processes, executable, signal_group_or_pid, tagged_processes
+
+from .state import State
 
 PREFIX = "simulation"                     # i-PI output prefix inside a run folder
-TIMESTEP_FS = 0.5                         # al_sampling.xml's time step
-_AU_VELOCITY = units.Bohr / (units._aut * units.second)   # i-PI velocity unit in ASE units
 _EXPLODED_MARK = "structure exploded"     # what nanosil-driver prints for an exploded structure
+_RECORDED_BEFORE_TIMESTEP_FS = 0.5        # runs recorded without their time step ran al_sampling.xml's 0.5 fs
 
 
 @dataclass
 class SamplingSettings:
-    """What one iteration's sampling needs (filled from the typed TOML config by :mod:`al_manager.loop`)."""
+    """The ``[sampling]`` section of the active-learning configuration, exactly as the sampler takes it.
 
-    max_md_ps: float = 5.0                 # maximum MD time per run and iteration (paper: 5 ps)
-    frames_per_run: int = 1                # stop a run once it delivered this many uncertain frames
-    max_parallel: int = 1                  # i-PI runs at once
-    mpi_ranks: int = 1                     # ranks per nanosil-driver (mpirun -n)
-    energy_threshold: float | None = None  # eV/atom (calibrated committee std)
-    force_threshold: float | None = None   # eV/Å; takes precedence over the energy threshold
-    upper_cap: float | None = None         # same unit as the criterion in use: exploded at or above
-    driver_threads: int = 1                # torch threads per rank
-    dtype: str = "float32"
+    The thresholds and the trust cap carry the names of the ``nanosil-driver`` flags they become
+    (``--energy-threshold``, ``--force-threshold``, ``--trust-cap``). ``seed`` is the configuration's
+    top-level ``seed``. Impossible values are refused here; messages start with the field name.
+    """
+
+    energy_threshold: float | None = 0.002  # eV/atom, calibrated committee std of the energy per atom
+    force_threshold: float | None = None    # eV/Å, calibrated max force std; used instead of the energy when set
+    trust_cap: float | None = None          # same unit as the criterion in use: at or above, the frame "exploded"
+    max_md_ps: float = 5.0                  # maximum MD time per run and iteration (paper: 5 ps)
+    timestep_fs: float = 0.5                # MD time step
+    parallel_runs: int = 1                  # i-PI runs at once
+    mpi_ranks: int = 1                      # ranks per nanosil-driver (mpirun -n)
+    frames_per_run: int = 1                 # stop a run once it delivered this many uncertain frames
+    driver_threads: int = 1                 # torch threads per rank
+    dtype: Literal["float32", "float64"] = "float32"
     seed: int = 12345
-    socket_timeout_s: float = 300.0        # i-PI declares a silent driver dead after this
-    exit_grace_s: float = 60.0             # after EXIT, time i-PI gets to finish its step and checkpoint
-    partner_grace_s: float = 10.0          # after i-PI or the driver ended, time the other gets to follow
-    max_wall_s: float | None = None        # hard wall-clock limit of one run (None: the MD length decides)
-    log_every: int = 1000                  # driver progress line every this many steps
+    socket_timeout_s: float = 300.0         # i-PI declares a silent driver dead after this
+    exit_grace_s: float = 60.0              # after EXIT, time i-PI gets to finish its step and checkpoint
+    partner_grace_s: float = 10.0           # after i-PI or the driver ended, time the other gets to follow
+    max_wall_s: float | None = None         # hard wall-clock limit of one run (None: the MD length decides)
+    log_every: int = 1000                   # driver progress line every this many steps
+
+    def __post_init__(self):
+        from ipi_inputs.render import AL_MAX_PS
+
+        for key in ("energy_threshold", "force_threshold", "trust_cap", "max_wall_s"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ValueError(f"{key} must be > 0, got {value:g}")
+        if self.energy_threshold is None and self.force_threshold is None:
+            raise ValueError("energy_threshold: set energy_threshold (eV/atom) or force_threshold (eV/Å)")
+        criterion, threshold, unit = self.criterion
+        if self.trust_cap is not None and self.trust_cap <= threshold:
+            raise ValueError(f"trust_cap {self.trust_cap:g} must be above the {criterion} threshold "
+                             f"{threshold:g} {unit}")
+        for key in ("max_md_ps", "timestep_fs", "socket_timeout_s"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key):g}")
+        if self.timestep_fs > 5:
+            raise ValueError(f"timestep_fs {self.timestep_fs:g} fs is too long for MD with O and Mg (use 0.5-2 fs)")
+        if self.max_md_ps > AL_MAX_PS:
+            raise ValueError(f"max_md_ps {self.max_md_ps:g} ps: sampling runs at most {AL_MAX_PS:g} ps per "
+                             f"iteration (the paper's length)")
+        if self.max_md_ps * 1000.0 < self.timestep_fs:
+            raise ValueError(f"max_md_ps {self.max_md_ps:g} ps is shorter than one time step "
+                             f"({self.timestep_fs:g} fs)")
+        for key in ("parallel_runs", "mpi_ranks", "frames_per_run", "driver_threads", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("exit_grace_s", "partner_grace_s"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key):g}")
+
+    @property
+    def criterion(self) -> tuple[str, float, str]:
+        """The flagging measure in use: (name, threshold, unit); the force threshold takes precedence."""
+        if self.force_threshold is not None:
+            return "force", self.force_threshold, "eV/Å"
+        return "energy", self.energy_threshold, "eV/atom"
 
     @property
     def steps(self) -> int:
-        return max(1, int(round(self.max_md_ps * 1000.0 / TIMESTEP_FS)))
+        """MD steps of at most ``max_md_ps`` at ``timestep_fs``."""
+        return max(1, math.floor(self.max_md_ps * 1000.0 / self.timestep_fs + 1e-9))
+
+    def driver_flags(self) -> list[str]:
+        """The flagging options of ``nanosil-driver``: one name each, as in this section."""
+        flags = []
+        for key in ("energy_threshold", "force_threshold", "trust_cap"):
+            value = getattr(self, key)
+            if value is not None:
+                flags += [f"--{key.replace('_', '-')}", f"{value:.10g}"]
+        return flags
 
 
 @dataclass
@@ -92,71 +149,9 @@ def plan_runs(structures: dict[str, str], temperatures: list[float]) -> list[Run
     return specs
 
 
-# ---------------------------------------------------------------------- checkpoints
-def read_ipi_checkpoint(path: str | os.PathLike) -> Atoms:
-    """Positions (Å) and velocities (ASE units) of the first bead of an i-PI checkpoint (``RESTART`` or a
-    ``<checkpoint>`` file). Raises ValueError when the file is not a readable checkpoint."""
-    path = Path(path)
-    try:
-        root = ET.parse(path).getroot()
-    except (ET.ParseError, OSError) as exc:
-        raise ValueError(f"i-PI checkpoint {path}: {exc}") from None
-    beads = root.find("./system/beads")
-    if beads is None:
-        raise ValueError(f"i-PI checkpoint {path}: no <system><beads> element")
-
-    def array(tag: str) -> np.ndarray:
-        node = beads.find(tag)
-        if node is None or node.text is None:
-            raise ValueError(f"i-PI checkpoint {path}: no <{tag}> in <beads>")
-        return np.array([float(x) for x in node.text.strip().strip("[]").split(",") if x.strip()])
-
-    natoms = int(beads.get("natoms"))
-    q = array("q")[: 3 * natoms].reshape(natoms, 3)          # Bohr
-    p = array("p")[: 3 * natoms].reshape(natoms, 3)          # atomic units of momentum
-    m = array("m")[:natoms]                                  # electron masses
-    names_node = beads.find("names")
-    if names_node is None or names_node.text is None:
-        raise ValueError(f"i-PI checkpoint {path}: no <names> in <beads>")
-    names = [s.strip() for s in names_node.text.strip().strip("[]").split(",") if s.strip()]
-    if len(names) != natoms or not np.all(m > 0):
-        raise ValueError(f"i-PI checkpoint {path}: inconsistent atoms")
-    # the simulation's own masses (i-PI's table differs from ASE's in the 5th digit): velocities then
-    # survive any later set_masses(i-PI masses) unchanged, and momenta stay those of the checkpoint
-    atoms = Atoms(symbols=names, positions=q * units.Bohr, masses=m * units._me / units._amu)
-    atoms.set_velocities((p / m[:, None]) * _AU_VELOCITY)
-    if not (np.all(np.isfinite(atoms.positions)) and np.all(np.isfinite(atoms.get_velocities()))):
-        raise ValueError(f"i-PI checkpoint {path}: non-finite positions or velocities")
-    return atoms
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The run's final checkpoint (``RESTART``, written when i-PI ends) or else its periodic one."""
-    run_dir = Path(run_dir)
-    for name in ("RESTART", f"{PREFIX}.chk"):
-        if (run_dir / name).is_file():
-            return run_dir / name
-    return None
-
-
-def sane_geometry(atoms: Atoms, reference: Atoms) -> str | None:
-    """None when ``atoms`` still looks like the cluster ``reference``; else why not (for the log)."""
-    if len(atoms) != len(reference) or list(atoms.numbers) != list(reference.numbers):
-        return "atoms differ from the reference structure"
-    d = np.linalg.norm(atoms.positions[:, None] - atoms.positions[None], axis=-1)
-    np.fill_diagonal(d, np.inf)
-    if d.min() < 0.6:
-        return f"atoms {d.min():.2f} Å apart"
-    spread = np.linalg.norm(atoms.positions - atoms.positions.mean(0), axis=1).max()
-    ref_spread = np.linalg.norm(reference.positions - reference.positions.mean(0), axis=1).max()
-    if spread > ref_spread + 4.0:
-        return f"an atom {spread:.1f} Å from the centre (reference {ref_spread:.1f} Å)"
-    return None
-
-
 def start_point(spec: RunSpec, previous: dict | None, previous_dir: Path | None) -> tuple[Atoms, str]:
     """The start structure of a run (with velocities when continuing) and a note for the log."""
-    from ipi_inputs import read_cluster
+    from ipi_inputs.files import latest_checkpoint, read_checkpoint, read_cluster
 
     reference = read_cluster(spec.path)
     if previous is None or previous_dir is None:
@@ -164,30 +159,18 @@ def start_point(spec: RunSpec, previous: dict | None, previous_dir: Path | None)
     if previous.get("status") != "done":
         return reference, (f"reference structure, thermal velocities (previous run {previous.get('status')}: "
                            f"{previous.get('reason') or 'no reason recorded'})")
-    chk = latest_checkpoint(previous_dir)
-    if chk is None:
+    found = latest_checkpoint(previous_dir, PREFIX)
+    if found is None:
         return reference, "reference structure, thermal velocities (previous run left no checkpoint)"
     try:
-        atoms = read_ipi_checkpoint(chk)
+        chk = found[0]
+        atoms = read_checkpoint(chk)
     except ValueError as exc:
         return reference, f"reference structure, thermal velocities ({exc})"
-    why = sane_geometry(atoms, reference)
+    why = drifted(atoms, reference)
     if why is not None:
         return reference, f"reference structure, thermal velocities (checkpoint unusable: {why})"
     return atoms, f"checkpoint {chk.parent.parent.parent.name}/{chk.parent.name}/{chk.name} (positions and velocities)"
-
-
-# ---------------------------------------------------------------------- executables
-def executable(name: str) -> str:
-    """``name`` next to this Python (a virtual environment's bin), else on PATH."""
-    here = Path(sys.executable).parent / name
-    if here.is_file() and os.access(here, os.X_OK):
-        return str(here)
-    found = shutil.which(name)
-    if found is None:
-        raise FileNotFoundError(f"{name} not found next to {sys.executable} nor on PATH (is the environment "
-                                f"installed? `make install`)")
-    return found
 
 
 # ---------------------------------------------------------------------- one run's processes
@@ -247,7 +230,7 @@ class _Live:
     def close_logs(self) -> None:
         for f in self.logs:
             f.close()
-        sock = Path(f"/tmp/ipi_{self.socket_name}")
+        sock = Path(SOCKETS_PREFIX + self.socket_name)
         if sock.exists():
             try:
                 sock.unlink()
@@ -322,7 +305,9 @@ class Sampler:
         socket_name = f"nsal-{self.state.token[:8]}-{self.iteration}-{spec.index}-{rec['attempt']}"
         render_input("al_sampling", run_dir, socket=f"unix:{socket_name}", steps=s.steps, seed=rec["seed"],
                      temperature=spec.temperature, structure=atoms, prefix=PREFIX,
-                     velocities="keep" if keep else "thermal", timeout=s.socket_timeout_s)
+                     velocities="keep" if keep else "thermal", timeout=s.socket_timeout_s,
+                     timestep_fs=s.timestep_fs)
+        rec["timestep_fs"] = s.timestep_fs
         run_id = f"{spec.name}.it{self.iteration:03d}.a{rec['attempt']}"
         env = self.state.child_env()
         env.setdefault("OMP_NUM_THREADS", "1")
@@ -330,22 +315,16 @@ class Sampler:
         drv_log = open(run_dir / "driver.log", "w")
         ipi = subprocess.Popen([executable("i-pi"), f"{PREFIX}.xml"], cwd=run_dir, stdout=ipi_log,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                               start_new_session=True, preexec_fn=set_parent_death_signal)
+                               start_new_session=True, preexec_fn=die_with_parent)
         self.state.add_child(ipi.pid, "i-pi", spec.name)
         cmd = [executable("mpirun"), "-n", str(s.mpi_ranks), executable("nanosil-driver"),
                "--models", str(self.models_dir), "--structure", f"{PREFIX}.init.xyz",
                "--unix", socket_name, "--flag-endpoint", self.endpoint, "--run-id", run_id,
                "--flag-file", "flagged_fallback.extxyz", "--threads", str(s.driver_threads),
-               "--dtype", s.dtype, "--log-every", str(s.log_every)]
-        if s.force_threshold is not None:
-            cmd += ["--force-threshold", f"{s.force_threshold:.10g}"]
-        if s.energy_threshold is not None:
-            cmd += ["--energy-threshold", f"{s.energy_threshold:.10g}"]
-        if s.upper_cap is not None:
-            cmd += ["--upper-cap", f"{s.upper_cap:.10g}"]
+               "--dtype", s.dtype, "--log-every", str(s.log_every), *s.driver_flags()]
         driver = subprocess.Popen(cmd, cwd=run_dir, stdout=drv_log, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                                  preexec_fn=set_parent_death_signal)
+                                  preexec_fn=die_with_parent)
         self.state.add_child(driver.pid, "mpirun", spec.name)
         quota = max(0, self.settings.frames_per_run - rec["frames"])
         live = _Live(spec, run_dir, run_id, socket_name, quota, ipi, driver, logs=[ipi_log, drv_log])
@@ -420,7 +399,7 @@ class Sampler:
         for proc in (live.ipi, live.driver):
             self.state.data["children"] = [c for c in self.state.data["children"] if c["pid"] != proc.pid]
         # the driver's MPI ranks may outlive mpirun by a moment: none of this run may be left
-        leftovers = [p for p in tagged_processes(self.state.token) if _cwd_is(p, live.run_dir)]
+        leftovers = [p for p in tagged_processes(self.state.token) if cwd_is(p, live.run_dir)]
         if leftovers:
             end_processes(leftovers, grace=5.0)
         rec["seconds"] = round(rec.get("seconds", 0.0) + time.monotonic() - live.started, 1)
@@ -476,7 +455,7 @@ class Sampler:
         self.endpoint = self.collector.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
         try:
             while todo or self.live:
-                while todo and len(self.live) < max(1, self.settings.max_parallel):
+                while todo and len(self.live) < self.settings.parallel_runs:
                     spec = todo.pop(0)
                     rec = self.record["runs"][spec.name]
                     try:
@@ -522,7 +501,8 @@ def summarize(record: dict) -> dict:
     count = {k: sum(1 for r in runs if r["status"] == k) for k in ("done", "crashed", "exploded")}
     return {"runs": len(record.get("runs", {})), **count, "frames": len(record.get("frames", [])),
             "ignored": int(record.get("ignored_frames", 0)),
-            "md_ps": round(sum((r.get("steps") or 0) for r in runs) * TIMESTEP_FS / 1000.0, 3)}
+            "md_ps": round(sum((r.get("steps") or 0) * r.get("timestep_fs", _RECORDED_BEFORE_TIMESTEP_FS)
+                               for r in runs) / 1000.0, 3)}
 
 
 def _last_step(out_file: Path) -> int:
@@ -542,12 +522,5 @@ def _last_step(out_file: Path) -> int:
     return 0
 
 
-def _cwd_is(pid: int, folder: Path) -> bool:
-    try:
-        return Path(os.readlink(f"/proc/{pid}/cwd")).resolve() == folder.resolve()
-    except OSError:
-        return False
-
-
-__all__ = ["SamplingSettings", "RunSpec", "Sampler", "plan_runs", "read_ipi_checkpoint", "latest_checkpoint",
-           "start_point", "frames_as_atoms", "summarize", "executable"]
+__all__ = ["SamplingSettings", "RunSpec", "Sampler", "plan_runs",
+           "start_point", "frames_as_atoms", "summarize"]

@@ -1,20 +1,20 @@
 """One driver process for many i-PI servers: every waiting structure goes through one batched pass.
 
-    python -m driver.batch_server --models MODELS_DIR --target NAME=CLUSTER.xyz [--target ...]
-        [--log-dir DIR] [--stop-above 1.0 --stop-measure force] [--fragment-distance 4.0] [--threads 1]
-    python -m driver.batch_server --models MODELS_DIR --control -      # targets arrive as JSON lines on stdin
+    nanosil-batch-driver --models MODELS_DIR --target NAME=CLUSTER.xyz [--target ...]
+        [--log-dir DIR] [--trust-cap 1.0 --trust-measure force] [--fragment-distance 4.0] [--threads 1]
+    nanosil-batch-driver --models MODELS_DIR --control -      # targets arrive as JSON lines on stdin
 
 i-PI is the server of its socket protocol, so this process is the *client* of N i-PI servers (one per
-trajectory, UNIX sockets by default). Each connection is served by :meth:`driver.ipi_client.IPIClient.serve`
+trajectory, UNIX sockets by default). Each connection is served by :meth:`driver.ipi.client.IPIClient.serve`
 in its own thread; its ``compute`` callback only queues the structure and waits. The batching loop takes
 every queued structure (after waiting briefly for the other trajectories, see ``gather``), splits them into
 groups of similar size (padding a 5-atom cluster to 35 atoms would cost more than it saves; see
 :func:`partition_by_size`) and evaluates each group with one :meth:`Committee.predict_batch` call. Replies
-are exactly those of ``nanosil-driver`` (:func:`driver.pes.ipi_reply`): energy, forces, zero virial and the
+are exactly those of ``nanosil-driver`` (:func:`driver.ipi.pes.ipi_reply`): energy, forces, zero virial and the
 extras JSON (dipole in e·Bohr, energy_std_per_atom, max_force_std, dipole_std, uncertain, exploded).
 
-Trusted region (per trajectory): when the committee disagreement reaches ``--stop-above`` (max force std in
-eV/Å, or energy std per atom in eV/atom with ``--stop-measure energy``), or when the cluster falls apart
+Trusted region (per trajectory): when the committee disagreement reaches ``--trust-cap`` (max force std in
+eV/Å, or energy std per atom in eV/atom with ``--trust-measure energy``), or when the cluster falls apart
 (its graph of atoms closer than ``--fragment-distance`` Å is no longer connected), the connection is closed
 without a reply: i-PI (``exit_on_disconnect``) then stops and writes a restartable checkpoint. The event is
 reported on stdout.
@@ -48,6 +48,10 @@ from pathlib import Path
 
 import numpy as np
 
+from driver.geometry_checks import fragments
+from ipi_inputs.files import SOCKETS_PREFIX
+from spectra.atomic import write_json
+
 PROG = "nanosil-batch-driver"
 LOG_COLUMNS = ("step", "energy_std_per_atom_eV", "max_force_std_eV_per_A", "dipole_std_eA")
 
@@ -72,12 +76,12 @@ class StopTrajectory(Exception):
 
 @dataclass(frozen=True)
 class TrustRegion:
-    """When a trajectory is stopped. ``cap``: committee disagreement (eV/Å for ``measure="force"``, eV/atom
+    """When a trajectory is stopped. ``trust_cap``: committee disagreement (eV/Å for ``measure="force"``, eV/atom
     for ``"energy"``) at or above which the model is not trusted; ``fragment_distance`` (Å): the cluster has
     fallen apart when its graph of atoms closer than this is disconnected (checked every ``check_every``
     steps). None switches a check off."""
 
-    cap: float | None = None
+    trust_cap: float | None = None
     measure: str = "force"
     fragment_distance: float | None = None
     check_every: int = 10
@@ -85,7 +89,7 @@ class TrustRegion:
     def __post_init__(self):
         if self.measure not in ("force", "energy"):
             raise ValueError(f"stop measure must be 'force' or 'energy', got {self.measure!r}")
-        for name in ("cap", "fragment_distance"):
+        for name in ("trust_cap", "fragment_distance"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name.replace('_', ' ')} must be a positive number, got {value}")
@@ -103,9 +107,9 @@ class TrustRegion:
         measure = self.value(prediction)
         if not math.isfinite(measure) or not np.all(np.isfinite(prediction.forces)):
             return StopTrajectory("non-finite committee prediction (NaN/inf)", step, measure)
-        if self.cap is not None and measure >= self.cap:
+        if self.trust_cap is not None and measure >= self.trust_cap:
             name = "max force std" if self.measure == "force" else "energy std per atom"
-            return StopTrajectory(f"{name} {measure:.4g} {self.unit} >= cap {self.cap:g} {self.unit}", step, measure)
+            return StopTrajectory(f"{name} {measure:.4g} {self.unit} >= trust cap {self.trust_cap:g} {self.unit}", step, measure)
         if self.fragment_distance is not None and step % self.check_every == 0:
             sizes = fragments(positions, self.fragment_distance)
             if len(sizes) > 1:
@@ -113,35 +117,6 @@ class TrustRegion:
                                       f"(no atom within {self.fragment_distance:g} Å of the rest)", step, measure)
         return None
 
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    from spectra.spectrum import atomic_write_text
-
-    atomic_write_text(path, json.dumps(data))
-
-
-def fragments(positions: np.ndarray, distance: float) -> list[int]:
-    """Sizes (largest first) of the connected parts of the graph of atoms closer than ``distance`` (Å)."""
-    pos = np.asarray(positions, dtype=float)
-    n = len(pos)
-    if n < 2:
-        return [n]
-    near = np.linalg.norm(pos[:, None] - pos[None], axis=-1) < distance
-    label = -np.ones(n, dtype=int)
-    sizes = []
-    for start in range(n):
-        if label[start] >= 0:
-            continue
-        label[start] = len(sizes)
-        todo, count = [start], 0
-        while todo:
-            i = todo.pop()
-            count += 1
-            for j in np.flatnonzero(near[i] & (label < 0)):
-                label[j] = len(sizes)
-                todo.append(int(j))
-        sizes.append(count)
-    return sorted(sizes, reverse=True)
 
 
 def partition_by_size(sizes: list[int], call_cost: float = CALL_COST_ATOMS,
@@ -179,7 +154,7 @@ class Target:
     structure: str
     log: str | None = None
     step_offset: int = 0             # MD step of i-PI's first request (a restart from a checkpoint)
-    sockets_prefix: str = "/tmp/ipi_"
+    sockets_prefix: str = SOCKETS_PREFIX
     connect_timeout: float = 120.0
 
     @classmethod
@@ -266,7 +241,7 @@ class BatchServer:
     # ------------------------------------------------------------------ connections
     def add(self, target: Target) -> None:
         """Start serving ``target`` (connects in a new thread; i-PI may still be starting)."""
-        from ipi_inputs.render import SocketAddress, read_cluster
+        from ipi_inputs.files import SocketAddress, read_cluster
 
         SocketAddress.parse(target.socket)
         atoms = read_cluster(target.structure)
@@ -296,8 +271,8 @@ class BatchServer:
             return len(self._connections)
 
     def _serve(self, conn: _Connection) -> None:
-        from driver.ipi_client import IPIClient, IPIDisconnected, IPIProtocolError, connect
-        from ipi_inputs.render import SocketAddress
+        from driver.ipi.client import IPIClient, IPIDisconnected, IPIProtocolError, connect
+        from ipi_inputs.files import SocketAddress
 
         target = conn.target
         address = SocketAddress.parse(target.socket)
@@ -322,7 +297,7 @@ class BatchServer:
                 record = {"event": "stopped", **event, "step": stop.step, "reason": stop.reason,
                           "measure": stop.measure}
                 if target.log:  # a record that outlives this process (read by a resumed campaign)
-                    _write_json_atomic(Path(target.log + ".stop.json"), record)
+                    write_json(Path(target.log + ".stop.json"), record)
                 self.emit(record)
                 self.say(f"{target.id}: stopped at step {stop.step}: {stop.reason}")
             except IPIDisconnected as exc:
@@ -330,6 +305,8 @@ class BatchServer:
                     self.emit({"event": "disconnected", **event, "step": conn.step, "message": str(exc)})
             except (IPIProtocolError, ValueError, RuntimeError) as exc:
                 self.emit({"event": "error", **event, "step": conn.step, "message": str(exc)})
+                if not self._stopping:
+                    self.say(f"{target.id}: error: {exc}")
         finally:
             with self._cond:
                 conn.serving = False
@@ -338,12 +315,13 @@ class BatchServer:
             conn.close()
 
     def _compute(self, conn: _Connection, pos_bohr: np.ndarray):
-        from driver.pes import BOHR
+        from driver.ipi.pes import BOHR, check_positions
 
         positions = np.asarray(pos_bohr, dtype=np.float64).reshape(-1, 3) * BOHR
         if len(positions) != len(conn.numbers):
             raise ValueError(f"i-PI sent {len(positions)} atoms but {conn.target.structure} has "
                              f"{len(conn.numbers)}: driver and i-PI input describe different structures")
+        check_positions(positions, conn.step, f"{conn.target.id} ({conn.target.structure})")  # NaN: not to the model
         request = _Request(conn, positions, conn.step)
         with self._cond:
             if self._stopping:
@@ -404,7 +382,7 @@ class BatchServer:
 
     def _evaluate(self, batch: list[_Request]) -> None:
         from driver.flagging import FlagDecision
-        from driver.pes import ipi_reply
+        from driver.ipi.pes import ipi_reply
 
         start = time.perf_counter()
         for group in partition_by_size([len(r.positions) for r in batch]):
@@ -459,7 +437,7 @@ class BatchServer:
 # ---------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m driver.batch_server",
+        prog=PROG,
         description="Serve many i-PI servers (one per trajectory) from one process, evaluating the waiting "
                     "structures in batched committee passes.")
     parser.add_argument("--models", required=True, help="committee folder (committee.json + weights)")
@@ -467,20 +445,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="i-PI UNIX socket NAME (/tmp/ipi_NAME) and the cluster file it simulates; repeat")
     parser.add_argument("--control", metavar="-", help="read targets as JSON lines from stdin ('-')")
     parser.add_argument("--log-dir", help="write NAME.uncertainty.csv here for every --target")
-    parser.add_argument("--sockets-prefix", default="/tmp/ipi_", help="prefix of UNIX socket paths (default /tmp/ipi_)")
+    parser.add_argument("--sockets-prefix", default=SOCKETS_PREFIX, help=f"prefix of UNIX socket paths (default {SOCKETS_PREFIX})")
     parser.add_argument("--connect-timeout", type=float, default=120.0,
                         help="seconds to wait for each i-PI to listen (default 120)")
     trust = parser.add_argument_group("trusted region (stop a trajectory that leaves it)")
-    trust.add_argument("--stop-above", type=float, metavar="X",
-                       help="stop when the committee disagreement reaches X (see --stop-measure)")
-    trust.add_argument("--stop-measure", choices=("force", "energy"), default="force",
+    trust.add_argument("--trust-cap", type=float, metavar="X",
+                       help="stop when the committee disagreement reaches X (see --trust-measure); frames at or "
+                            "above it are never flagged")
+    trust.add_argument("--trust-measure", choices=("force", "energy"), default="force",
                        help="max force std in eV/Å (default) or energy std per atom in eV/atom")
     trust.add_argument("--fragment-distance", type=float, metavar="ANGSTROM",
                        help="stop when the cluster splits into parts farther apart than this")
     flags = parser.add_argument_group("flagging uncertain frames for labelling (as nanosil-driver)")
     flags.add_argument("--energy-threshold", type=float, metavar="EV_PER_ATOM")
     flags.add_argument("--force-threshold", type=float, metavar="EV_PER_A")
-    flags.add_argument("--upper-cap", type=float)
     flags.add_argument("--flag-endpoint", metavar="ZMQ_ENDPOINT")
     flags.add_argument("--flag-file", default="flagged.extxyz")
     parser.add_argument("--gather-ms", type=float, default=20.0,
@@ -563,9 +541,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--control takes '-' (stdin), got {args.control!r}")
         if not args.gather_ms >= 0:
             raise UsageError(f"--gather-ms must be >= 0, got {args.gather_ms}")
-        trust = TrustRegion(cap=args.stop_above, measure=args.stop_measure, fragment_distance=args.fragment_distance)
+        trust = TrustRegion(trust_cap=args.trust_cap, measure=args.trust_measure, fragment_distance=args.fragment_distance)
         flag_config = FlagConfig(energy_threshold=args.energy_threshold, force_threshold=args.force_threshold,
-                                 upper_cap=args.upper_cap, endpoint=args.flag_endpoint, flag_file=args.flag_file,
+                                 endpoint=args.flag_endpoint, flag_file=args.flag_file,
                                  run_id="batch")
         committee = load_committee(args.models, dtype=getattr(torch, args.dtype))
         server = BatchServer(committee, trust, flag_config, gather_s=args.gather_ms / 1000.0, emit=_emitter(),

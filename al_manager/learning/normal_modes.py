@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from ase import Atoms, units
 
-#: hbar in eV * Å * sqrt(amu) / (Å sqrt(eV)): h*nu (eV) = HBAR * sqrt(lambda), lambda in eV/(Å^2 amu)
-_HBAR = units._hbar * 1e10 / np.sqrt(units._e * units._amu)
+from spectra.constants import HBAR_EV
+
 
 
 @dataclass
@@ -61,7 +61,7 @@ def vibrational_indices(frequencies, atoms: Atoms) -> np.ndarray:
 def mode_eigenvalues(frequencies_cm) -> np.ndarray:
     """lambda_k = omega_k^2 in eV/(Å^2 amu) from frequencies in cm^-1 (|frequency| for imaginary modes)."""
     hnu = np.abs(np.asarray(frequencies_cm, dtype=float)) * units.invcm  # eV
-    return (hnu / _HBAR) ** 2
+    return (hnu / HBAR_EV) ** 2
 
 
 def turning_point(frequency_cm: float, temperature: float) -> float:
@@ -82,7 +82,7 @@ def displacements(atoms: Atoms, frequencies, modes, temperatures=(100, 300, 600,
                   rng: np.random.Generator | None = None) -> list[Displacement]:
     """Every candidate of the modified normal-mode sampling around ``atoms`` (a minimum).
 
-    ``frequencies`` (3N,) cm^-1 and ``modes`` (3N, N, 3) as in :class:`al_manager.reference.Harmonic`.
+    ``frequencies`` (3N,) cm^-1 and ``modes`` (3N, N, 3) as in :class:`spectra.harmonic.HarmonicIR`.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
     modes = np.asarray(modes, dtype=float)

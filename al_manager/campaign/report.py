@@ -26,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .campaign import CampaignConfig, composition_of
+from spectra.atomic import write_json
+
+from .config import CampaignConfig, composition_of
 
 SCHEMA = "nanosil.campaign/1"
 
@@ -81,7 +83,7 @@ def _harmonic(config: CampaignConfig, cluster, out_dir: Path, log) -> dict | Non
     from ase.optimize import BFGS
 
     from driver.calculator import NanosilCalculator
-    from ipi_inputs.render import read_cluster
+    from ipi_inputs.files import read_cluster
     from spectra.harmonic import harmonic_autograd, write_harmonic
 
     atoms = read_cluster(cluster.structure)
@@ -209,7 +211,7 @@ def write_outputs(config: CampaignConfig, states, log=print, throughput: dict | 
         spectra_records.append(record)
 
     sums = []
-    from ipi_inputs.render import read_cluster
+    from ipi_inputs.files import read_cluster
 
     info = {}
     for name, cluster in clusters.items():
@@ -260,9 +262,7 @@ def write_outputs(config: CampaignConfig, states, log=print, throughput: dict | 
         "harmonic": {k: {kk: vv for kk, vv in v.items() if kk != "result"} for k, v in harmonic.items() if v},
         "sums": sums, "throughput": throughput or {},
     }
-    from .production import _write_json
-
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     log(f"wrote {out / 'summary.json'}: {counts['done']} done, {counts['untrusted']} untrusted, "
         f"{counts['failed']} failed, {counts['pending']} pending; {len(means)} spectra, {len(sums)} size sums")
     return summary

@@ -4,7 +4,7 @@ Design (measured with ``bench/campaign_throughput.py`` on 2 cores, default model
 a small cluster costs i-PI ~3 ms of Python CPU, one committee evaluation of P2 ~8 ms alone but ~3 ms per
 structure in a pass of 8, and one-by-one (i-PI + ``nanosil-driver``) uses one core at a time because i-PI
 and its driver take turns (12 ms CPU per step). So every trajectory gets its own i-PI process
-(``OMP_NUM_THREADS=1``) and ``run.drivers`` batch servers (:mod:`driver.batch_server`, ``run.threads``
+(``OMP_NUM_THREADS=1``) and ``run.drivers`` batch servers (:mod:`driver.ipi.batch_server`, ``run.threads``
 torch threads each; default one per core with >= 4 trajectories each) evaluate whatever structures are
 waiting in one pass, while the other core runs i-PI steps and the other driver. For 8 P2 trajectories:
 one-by-one 79 steps/s, one driver 213 (2.7x), two drivers 284 (3.6x; 6.6 ms CPU per step); for P1-P5,
@@ -12,7 +12,7 @@ O1-O5 (sizes 5-35) 60, 102 and 121 steps/s (2.0x: batching mixed sizes saves les
 threads in one driver were many times slower than one on the shared 2-core machine, so parallelism
 comes from processes. ``run.workers`` trajectories run at once; the queue is sorted by cluster size and
 each new trajectory goes to the driver whose trajectories are closest in size, so passes need little
-padding (:func:`driver.batch_server.partition_by_size` splits what padding would make too costly).
+padding (:func:`driver.ipi.batch_server.partition_by_size` splits what padding would make too costly).
 
 Per trajectory, a folder ``runs/<cluster>/<T>K/seed<seed>/`` holds ``state.json`` (status, phase, reason)
 and one sub-folder per phase:
@@ -35,220 +35,31 @@ leftover processes recorded in the state files (by pid and start time) before it
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import queue
-import re
 import shutil
-import signal
-import socket as socketlib
 import subprocess
 import sys
 import threading
 import time
-import xml.etree.ElementTree as ET
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from spectra.spectrum import atomic_write_text as _write_text
+from al_manager.processes import child_env, die_with_parent, end_process, executable, remove_stale_socket, start_time
+from ipi_inputs.files import SOCKETS_PREFIX, cut_dipoles, cut_rows, cut_xyz, dipole_labels, latest_checkpoint
+from spectra.atomic import write_json
 
-from .campaign import CampaignConfig, TrajectorySpec, n_atoms
+from .config import CampaignConfig, TrajectorySpec, n_atoms
+from .report import write_outputs
 
 PREFIX = "md"                       # i-PI output prefix of every phase
-SOCKETS_PREFIX = "/tmp/ipi_"
 MAX_ATTEMPTS = 2                    # technical failures (crash, lost driver) retried within one invocation
 FINAL = ("done", "untrusted")       # never run again
 STOP_GRACE_S = 30.0                 # how long a stopped i-PI may take to exit before SIGTERM
-CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-
-
-# ---------------------------------------------------------------------- processes
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when the campaign process dies (Linux; a no-op elsewhere)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
-
-
-def start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), or None: with the pid it identifies a
-    process even after its pid is reused."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def end_process(pid: int | None, started: int | None, grace: float = 30.0) -> bool:
-    """SIGTERM (then SIGKILL after ``grace`` s) the process ``pid`` if it is still the one that started at
-    ``started``; True when one was ended."""
-    if not pid or started is None or start_time(pid) != started:
-        return False
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if start_time(pid) != started:
-            return True
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    return True
-
-
-def _executable(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else (shutil.which(name) or name)
-
-
-def _child_env(threads: int = 1) -> dict:
-    env = dict(os.environ)
-    env.update({k: str(threads) if k == "OMP_NUM_THREADS" else v for k, v in CHILD_ENV.items()})
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _write_text(path, json.dumps(data, indent=1))
-
-
-# ---------------------------------------------------------------------- i-PI files
-def checkpoint_step(path: Path) -> int | None:
-    """The ``<step>`` of an i-PI checkpoint (completed MD steps), or None if unreadable."""
-    try:
-        root = ET.parse(path).getroot()
-        node = root.find("step")
-        return int(node.text.strip()) if node is not None and node.text else None
-    except (ET.ParseError, OSError, ValueError):
-        return None
-
-
-def latest_checkpoint(folder: Path) -> tuple[Path, int] | None:
-    """The newest consistent state of a phase: ``md.chk`` (every ``checkpoint_ps``) or ``RESTART`` (written
-    by i-PI when it stops, at its last safe step), whichever has more steps."""
-    best = None
-    for name in (f"{PREFIX}.chk", "RESTART"):
-        path = folder / name
-        step = checkpoint_step(path) if path.is_file() else None
-        if step is not None and (best is None or step > best[1]):
-            best = (path, step)
-    return best
-
-
-_DIPOLE_HEADER = re.compile(r"^\s*#\s*EXTRAS\(dipole\)#\s*Step:\s*(\d+)")
-
-
-def dipole_labels(path: Path) -> list[int]:
-    """Step labels of an i-PI dipole extras file (label L = the configuration after L steps)."""
-    labels = []
-    if path.is_file():
-        with open(path, errors="replace") as f:
-            for line in f:
-                m = _DIPOLE_HEADER.match(line)
-                if m:
-                    labels.append(int(m.group(1)))
-    return labels
-
-
-def _cut_dipoles(path: Path, last: int) -> bool:
-    """Keep the frames with label <= ``last``; True when they are exactly 0..last (nothing missing)."""
-    if not path.is_file():
-        return False
-    kept, labels, keep = [], [], True
-    with open(path, errors="replace") as f:
-        for line in f:
-            m = _DIPOLE_HEADER.match(line)
-            if m:
-                keep = int(m.group(1)) <= last
-                if keep:
-                    labels.append(int(m.group(1)))
-            if keep:
-                kept.append(line)
-    if labels != list(range(last + 1)) or (kept and _DIPOLE_HEADER.match(kept[-1])):
-        return False
-    _write_text(path, "".join(kept))
-    return True
-
-
-def _cut_rows(path: Path, keep) -> None:
-    """Keep comment lines and the rows whose first column passes ``keep`` (i-PI out, uncertainty CSV)."""
-    if not path.is_file():
-        return
-    out = []
-    with open(path, errors="replace") as f:
-        for line in f:
-            head = line.split(",", 1)[0].split()[0] if line.strip() else ""
-            try:
-                value = float(head)
-            except ValueError:
-                out.append(line)  # header or comment
-                continue
-            if keep(value) and line.endswith("\n"):
-                out.append(line)
-    _write_text(path, "".join(out))
-
-
-_XYZ_STEP = re.compile(r"Step:\s*(\d+)")
-
-
-def _cut_xyz(path: Path, last: int) -> None:
-    """Keep the frames of i-PI's xyz trajectory whose comment says ``Step: <= last``."""
-    if not path.is_file():
-        return
-    lines = path.read_text(errors="replace").splitlines(keepends=True)
-    out, i = [], 0
-    while i < len(lines):
-        try:
-            n = int(lines[i].split()[0])
-        except (ValueError, IndexError):
-            break
-        frame = lines[i:i + n + 2]
-        if len(frame) < n + 2 or not frame[-1].endswith("\n"):
-            break
-        m = _XYZ_STEP.search(frame[1])
-        if m and int(m.group(1)) > last:
-            break
-        out.extend(frame)
-        i += n + 2
-    _write_text(path, "".join(out))
-
-
-IPI_LATENCY_S = 1e-3  # i-PI's force-field polling interval (default 1e-4 s)
-
-
-def patch_xml(text: str, checkpoint_steps: int, timestep_fs: float, latency_s: float = IPI_LATENCY_S) -> str:
-    """Adapt a rendered template: checkpoint interval, the dipole file flushed every step (so it never lags
-    behind a checkpoint), the timestep, and i-PI's polling latency. Raises if the template no longer has
-    these elements.
-
-    Latency: i-PI's force-field thread sleeps ``latency`` between polls, also while the integrator works;
-    at the default 1e-4 s eight i-PI processes waiting on a batched driver wake 80000 times a second.
-    1e-3 s cut the CPU per MD step of P2x8 batched by ~7% (+10-15% steps/s) and changed nothing for a
-    single i-PI + nanosil-driver (bench/campaign_throughput.py set-up, measured on 2 cores)."""
-    patterns = [
-        (r"(<checkpoint\s+stride=')(\d+)(')", str(int(checkpoint_steps))),
-        (r"(<trajectory\s+filename='dipole'[^>]*?flush=')(\d+)(')", "1"),
-        (r"(<timestep\s+units='femtosecond'>\s*)([0-9.eE+-]+)(\s*</timestep>)", repr(float(timestep_fs))),
-    ]
-    for pattern, value in patterns:
-        text, n = re.subn(pattern, lambda m: m.group(1) + value + m.group(3), text)
-        if n != 1:
-            raise RuntimeError(f"i-PI template changed: cannot find {pattern!r} to set it to {value}")
-    if "<latency>" in text:
-        text = re.sub(r"(<latency>\s*)([^<]*?)(\s*</latency>)", lambda m: m.group(1) + repr(latency_s) + m.group(3), text)
-    else:
-        text, n = re.subn(r"(<ffsocket\b[^>]*>)", lambda m: m.group(1) + f"\n    <latency> {latency_s!r} </latency>", text)
-        if n != 1:
-            raise RuntimeError("i-PI template changed: no <ffsocket> to set the polling latency in")
-    return text
 
 
 # ---------------------------------------------------------------------- trajectories
@@ -330,14 +141,14 @@ class TrajectoryRun:
     def save(self, **changes) -> None:
         self.state.update(changes)
         self.state["updated"] = time.time()
-        _write_json(self.folder / "state.json", self.state)
+        write_json(self.folder / "state.json", self.state)
 
     def phase_folder(self, phase: Phase) -> Path:
         return self.folder / phase.name
 
     def phase_complete(self, phase: Phase) -> bool:
         folder = self.phase_folder(phase)
-        chk = latest_checkpoint(folder)
+        chk = latest_checkpoint(folder, PREFIX)
         return (chk is not None and chk[1] >= phase.steps
                 and dipole_labels(folder / f"{PREFIX}.dipole_0") == list(range(phase.steps + 1)))
 
@@ -365,26 +176,22 @@ class TrajectoryRun:
             if self.phase_complete(phase):
                 self.save(phases_done=self.state["phases_done"] + [phase.name])
                 continue
-            chk = latest_checkpoint(folder)
+            chk = latest_checkpoint(folder, PREFIX)
             if chk is not None and 0 < chk[1] < phase.steps and self._cut_back(folder, chk[1]):
-                restart = folder / "restart.xml"
-                text, n = re.subn(r"(<ffsocket\b[^>]*>.*?<address>)(.*?)(</address>)",
-                                  lambda m: m.group(1) + f" {self.socket_name} " + m.group(3),
-                                  chk[0].read_text(), count=1, flags=re.S)
-                if n != 1:
-                    raise RuntimeError(f"{chk[0]}: no <ffsocket><address> in the checkpoint")
-                _write_text(restart, text)
+                from ipi_inputs.render import restart_input
+
+                restart = restart_input(chk[0], folder / "restart.xml", self.socket_name)
                 return Launch(phase, restart, chk[1])
             return self._fresh(k, phase)
         return None
 
     def _cut_back(self, folder: Path, step: int) -> bool:
         """Cut every output back to ``step`` so the restarted i-PI appends seamlessly."""
-        if not _cut_dipoles(folder / f"{PREFIX}.dipole_0", step):
+        if not cut_dipoles(folder / f"{PREFIX}.dipole_0", step):
             return False
-        _cut_rows(folder / f"{PREFIX}.out", lambda s: s <= step)
-        _cut_xyz(folder / f"{PREFIX}.pos_0.xyz", step)
-        _cut_rows(folder / "uncertainty.csv", lambda s: s < step)  # step `step` is evaluated again
+        cut_rows(folder / f"{PREFIX}.out", lambda s: s <= step)
+        cut_xyz(folder / f"{PREFIX}.pos_0.xyz", step)
+        cut_rows(folder / "uncertainty.csv", lambda s: s < step)  # step `step` is evaluated again
         return True
 
     def _fresh(self, k: int, phase: Phase) -> Launch:
@@ -395,11 +202,13 @@ class TrajectoryRun:
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         spec, md = self.spec, self.config.md
+        # the dipole file flushed every step, so it never lags behind a checkpoint (resume cuts it back)
         common = dict(socket=f"unix:{self.socket_name}", steps=phase.steps, seed=spec.seed, prefix=PREFIX,
-                      timeout=600.0)
+                      timeout=600.0, timestep_fs=md.timestep_fs, checkpoint_steps=md.checkpoint_steps,
+                      dipole_flush=1)
         if phase.template == "production_nve":
             previous = self.phase_folder(self.phases[k - 1])
-            chk = latest_checkpoint(previous)
+            chk = latest_checkpoint(previous, PREFIX)
             if chk is None:
                 raise RuntimeError(f"{self.id}: no checkpoint in {previous} to start {phase.name} from")
             start = folder / "start.chk"
@@ -408,31 +217,30 @@ class TrajectoryRun:
         else:
             xml = render_input(phase.template, folder, structure=spec.cluster.structure,
                                temperature=spec.temperature, velocities="thermal", **common)
-        _write_text(xml, patch_xml(xml.read_text(), md.checkpoint_steps, md.timestep_fs))
         return Launch(phase, xml, 0)
 
 
 # ---------------------------------------------------------------------- drivers
 class DriverProcess:
-    """A ``python -m driver.batch_server --control -`` child; its events land in a shared queue."""
+    """A ``python -m driver.ipi.batch_server --control -`` child; its events land in a shared queue."""
 
     def __init__(self, index: int, config: CampaignConfig, events: queue.Queue, log_dir: Path):
         self.index = index
         self.targets: set[str] = set()
-        cmd = [sys.executable, "-m", "driver.batch_server", "--models", str(config.models), "--control", "-",
+        cmd = [sys.executable, "-m", "driver.ipi.batch_server", "--models", str(config.models), "--control", "-",
                "--threads", str(config.run.threads), "--gather-ms", f"{config.run.gather_ms:g}",
                "--progress-every", "1", "--sockets-prefix", SOCKETS_PREFIX,
-               "--stop-measure", config.trust.measure]
-        if config.trust.cap is not None:
-            cmd += ["--stop-above", f"{config.trust.cap:g}"]
+               "--trust-measure", config.trust.measure]
+        if config.trust.trust_cap is not None:
+            cmd += ["--trust-cap", f"{config.trust.trust_cap:g}"]
         if config.trust.fragment_distance is not None:
             cmd += ["--fragment-distance", f"{config.trust.fragment_distance:g}"]
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"driver{index}.log"
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                         env=_child_env(config.run.threads), text=True, bufsize=1,
-                                         preexec_fn=_die_with_parent)
+                                         env=child_env(config.run.threads), text=True, bufsize=1,
+                                         preexec_fn=die_with_parent)
         self.started = start_time(self.proc.pid)
         self.stopping = False
         self._reader = threading.Thread(target=self._read, args=(events,), daemon=True)
@@ -575,7 +383,7 @@ class CampaignRunner:
             return
         # the committee must know every element before any process starts
         from driver.models.committee import load_committee
-        from ipi_inputs.render import read_cluster
+        from ipi_inputs.files import read_cluster
 
         committee = load_committee(cfg.models)
         for cluster in cfg.clusters:
@@ -655,20 +463,20 @@ class CampaignRunner:
         return min(drivers, key=key)
 
     def _record_drivers(self, drivers: list[DriverProcess]) -> None:
-        _write_json(self.config.output / "drivers.json",
+        write_json(self.config.output / "drivers.json",
                     [{"pid": d.proc.pid, "started": d.started} for d in drivers])  # type: ignore[arg-type]
 
     def _launch(self, run: TrajectoryRun, launch: Launch, driver: DriverProcess) -> Active:
         folder = run.phase_folder(launch.phase)
         path = SOCKETS_PREFIX + run.socket_name
         if os.path.exists(path):
-            _remove_stale_socket(path)
+            remove_stale_socket(path)
         with open(folder / "ipi.log", "a") as log:
             log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}: i-pi {launch.xml.name} "
                       f"(from step {launch.step_offset})\n")
             log.flush()
-            proc = subprocess.Popen([_executable("i-pi"), launch.xml.name], cwd=folder, stdout=log,
-                                    stderr=subprocess.STDOUT, env=_child_env(1), preexec_fn=_die_with_parent)
+            proc = subprocess.Popen([executable("i-pi"), launch.xml.name], cwd=folder, stdout=log,
+                                    stderr=subprocess.STDOUT, env=child_env(1), preexec_fn=die_with_parent)
         self._launches += 1
         target_id = f"{run.id}#{self._launches}"
         driver.add({"id": target_id, "socket": f"unix:{run.socket_name}", "structure": str(run.spec.cluster.structure),
@@ -796,6 +604,18 @@ class CampaignRunner:
             self.log(line)
 
 
+def run_campaign(config: CampaignConfig, log=None, analyse_only: bool = False, retry_failed: bool = True) -> dict:
+    """Run (or resume) every trajectory, then write the outputs; returns the summary written to
+    ``<output>/summary.json``."""
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    config.output.mkdir(parents=True, exist_ok=True)
+    runner = CampaignRunner(config, log=log)
+    with runner.lock():
+        if not analyse_only:
+            runner.run(retry_failed=retry_failed)
+        return write_outputs(config, runner.states(), log=log, throughput=runner.throughput())
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds < 60:
@@ -814,17 +634,3 @@ def _last_line(path: Path) -> str:
     return (errors[-1] if errors else lines[-1])[:300] if lines else ""
 
 
-def _remove_stale_socket(path: str) -> None:
-    """Remove a UNIX socket file nobody listens on (left by a killed i-PI); refuse to touch a live one."""
-    probe = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
-    except OSError:
-        return
-    finally:
-        probe.close()
-    raise RuntimeError(f"an i-PI server is still listening on {path}; is another campaign using this folder?")

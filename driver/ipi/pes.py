@@ -3,8 +3,8 @@ nanosil's socket drivers send.
 
 With i-PI's driver::
 
-    i-pi-py_driver -u -a NAME -m custom -P driver/pes.py \\
-        -o models=MODELS_DIR,structure=CLUSTER.xyz[,energy_threshold=X][,force_threshold=Y][,upper_cap=Z]
+    i-pi-py_driver -u -a NAME -m custom -P driver/ipi/pes.py \\
+        -o models=MODELS_DIR,structure=CLUSTER.xyz[,energy_threshold=X][,force_threshold=Y][,trust_cap=Z]
            [,flag_endpoint=ipc:///tmp/flags][,run_id=ID][,threads=1][,dtype=float32]
 
 ``nanosil-driver`` (:mod:`driver.main`) builds the same :class:`NanosilDriver` around an MPI-parallel
@@ -48,6 +48,22 @@ class AtomCountMismatch(ValueError):
     """i-PI sent a structure whose atom count differs from --structure."""
 
 
+class NonFinitePositions(ValueError):
+    """i-PI sent NaN or infinite positions (the simulation blew up, or a damaged checkpoint)."""
+
+
+def check_positions(positions: np.ndarray, step: int, source: str) -> None:
+    """Refuse non-finite positions before they reach the model (whose C descriptor would only see two
+    replicas that differ). ``step``: the request index (0 = i-PI's first configuration)."""
+    bad = ~np.isfinite(positions).all(axis=1)
+    if bad.any():
+        atoms = np.flatnonzero(bad)
+        shown = ", ".join(map(str, atoms[:5])) + (", ..." if len(atoms) > 5 else "")
+        raise NonFinitePositions(f"i-PI sent non-finite positions (NaN/inf) at step {step} for {source}: "
+                                 f"atom(s) {shown} of {len(positions)}; the simulation has blown up or its "
+                                 f"input/checkpoint is damaged")
+
+
 def ipi_reply(prediction, decision) -> tuple[float, np.ndarray, np.ndarray, str]:
     """Energy (Hartree), forces (N,3 Hartree/Bohr), zero virial (Hartree) and the extras JSON string."""
     extras = {}
@@ -68,12 +84,12 @@ class NanosilDriver(Dummy_driver):
 
     Init arguments (strings from i-PI's ``-o key=value,...``): ``models`` (committee folder),
     ``structure`` (the cluster file: i-PI never sends species), ``energy_threshold`` (eV/atom),
-    ``force_threshold`` (eV/Å), ``upper_cap``, ``flag_endpoint``, ``flag_file``, ``run_id``,
+    ``force_threshold`` (eV/Å), ``trust_cap``, ``flag_endpoint``, ``flag_file``, ``run_id``,
     ``allow_remote_flags``, ``threads`` (torch threads), ``dtype`` (float32|float64), ``verbose``.
     """
 
     def __init__(self, models=None, structure=None, energy_threshold=None, force_threshold=None,
-                 upper_cap=None, flag_endpoint=None, flag_file="flagged.extxyz", run_id="",
+                 trust_cap=None, flag_endpoint=None, flag_file="flagged.extxyz", run_id="",
                  allow_remote_flags=False, threads=1, dtype="float32", verbose=False, *args, **kwargs):
         if models is None or structure is None:
             raise ValueError("the nanosil PES needs -o models=MODELS_DIR,structure=CLUSTER.xyz")
@@ -81,14 +97,14 @@ class NanosilDriver(Dummy_driver):
 
         from driver.flagging import FlagConfig, Flagger
         from driver.models.committee import load_committee
-        from ipi_inputs.render import read_cluster
+        from ipi_inputs.files import read_cluster
 
         torch.set_num_threads(int(threads))
         committee = load_committee(str(models), dtype=_torch_dtype(dtype))
         atoms = read_cluster(str(structure))
         committee.check_numbers(atoms.numbers, source=str(structure))
         config = FlagConfig(energy_threshold=_opt_float(energy_threshold), force_threshold=_opt_float(force_threshold),
-                            upper_cap=_opt_float(upper_cap), endpoint=flag_endpoint or None,
+                            trust_cap=_opt_float(trust_cap), endpoint=flag_endpoint or None,
                             flag_file=str(flag_file), run_id=str(run_id or ""),
                             allow_remote=bool(allow_remote_flags))
         self._setup(lambda pos: committee.predict(atoms.numbers, pos), atoms.numbers,
@@ -117,6 +133,7 @@ class NanosilDriver(Dummy_driver):
         if len(pos) != len(self.numbers):
             raise AtomCountMismatch(f"i-PI sent {len(pos)} atoms but {self.source} has {len(self.numbers)}: "
                                     f"driver and i-PI input describe different structures")
+        check_positions(pos, self.step, self.source)
         positions = pos * BOHR
         prediction = self.predict(positions)
         decision = self.flagger.process(self.step, positions, prediction.energy, prediction.energy_std_per_atom,

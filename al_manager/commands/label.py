@@ -3,10 +3,12 @@
 Runs :func:`al_manager.reference.labelling.label_structures`: frames are checked first (a bad frame
 stops everything before any calculation, naming the frame), known structures are skipped, each label is
 written as soon as it is done, failures go to the ``failed`` table. Exit code 0 when nothing failed,
-1 when some frames failed (listed on stderr), 2 for bad input.
+1 when some frames failed (listed on stderr), 2 for bad input, 128 + the signal number after SIGTERM or
+Ctrl-C (the labels written so far are kept; the same command resumes).
 """
 from __future__ import annotations
 
+import signal
 import sys
 
 from ._common import add_backend_arguments, backend_options, read_structures
@@ -44,10 +46,24 @@ def run(args) -> int:
         if args.temperature is not None:
             meta["temperature"] = args.temperature
         metadata.append(meta)
-    report = label_structures(frames, args.backend, args.db, workers=args.workers,
-                              backend_options=backend_options(args), metadata=metadata,
-                              executor=args.executor, source=args.input, retry_failed=args.retry_failed,
-                              progress=not args.no_progress)
+    def stop(signum, frame):  # SIGTERM unwinds like Ctrl-C: the pool's workers are ended, labels kept
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        report = label_structures(frames, args.backend, args.db, workers=args.workers,
+                                  backend_options=backend_options(args), metadata=metadata,
+                                  executor=args.executor, source=args.input, retry_failed=args.retry_failed,
+                                  progress=not args.no_progress)
+    except (SystemExit, KeyboardInterrupt) as exc:
+        code = exc.code if isinstance(exc, SystemExit) else 128 + signal.SIGINT
+        if not isinstance(code, int) or code <= 128:
+            raise
+        print(f"nanosil label: stopped by {signal.Signals(code - 128).name}; the labels already written to "
+              f"{args.db} are kept: run the same command to resume", file=sys.stderr, flush=True)
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"{args.db}: {report.summary()}")
     for f in report.failures:
         print(f"failed: {f.frame}: {f.reason}", file=sys.stderr)

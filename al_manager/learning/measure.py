@@ -23,23 +23,8 @@ from typing import Callable
 import numpy as np
 from ase import Atoms
 
-from .state import write_atomic, write_json_atomic
-
-N_RIGID = 6  # translations and rotations of a non-linear cluster
-
-
-def vibrational(frequencies) -> np.ndarray:
-    """The 3N-6 vibrational frequencies (cm^-1), sorted: the six closest to zero are dropped."""
-    f = np.asarray(frequencies, dtype=float)
-    keep = np.sort(np.argsort(np.abs(f), kind="stable")[N_RIGID:])
-    return np.sort(f[keep])
-
-
-def real_frequencies(complex_frequencies) -> np.ndarray:
-    """ASE's complex frequencies (cm^-1) as reals, imaginary ones negative."""
-    c = np.asarray(complex_frequencies, dtype=complex)
-    return np.where(np.abs(c.imag) > np.abs(c.real), -np.abs(c.imag), c.real)
-
+from spectra.atomic import write_json, write_text
+from spectra.harmonic import real_wavenumbers, vibrational
 
 def clear_interrupted_cache(folder: str | os.PathLike) -> int:
     """Remove the entries of an ASE vibrations cache that a killed run left unfinished. ASE creates a
@@ -100,11 +85,11 @@ def reference_harmonics(structures: dict[str, str], backend: str, cache_dir: str
                      "frequencies_cm-1": np.asarray(har.frequencies, float).tolist(),
                      "intensities_km/mol": np.asarray(har.intensities, float).tolist()}
             cache[name] = entry
-            write_json_atomic(cache_file, cache)
+            write_json(cache_file, cache)
             rows = ["mode,frequency_cm-1,intensity_km/mol"] + [
                 f"{i},{f:.4f},{a:.4f}" for i, (f, a) in enumerate(zip(entry["frequencies_cm-1"],
                                                                      entry["intensities_km/mol"]))]
-            write_atomic(cache_dir / f"{name}_harmonic.csv", "\n".join(rows) + "\n")
+            write_text(cache_dir / f"{name}_harmonic.csv", "\n".join(rows) + "\n")
             write(str(cache_dir / f"{name}_relaxed.extxyz"), relaxed, format="extxyz")
             vib = vibrational(entry["frequencies_cm-1"])
             log(f"reference harmonic frequencies of {name} ({be.method}): {len(vib)} modes, "
@@ -142,7 +127,7 @@ def committee_frequencies(calc, start: Atoms, fmax: float = 1e-3, steps: int = 3
         return np.full(3 * len(atoms), np.nan), {"converged": False, "error": "non-finite positions"}
     hessian = calc.hessian(atoms)
     hessian = 0.5 * (hessian + hessian.T)
-    freqs = real_frequencies(VibrationsData.from_2d(atoms, hessian).get_frequencies())
+    freqs = real_wavenumbers(VibrationsData.from_2d(atoms, hessian).get_frequencies())
     rmsd = float(np.sqrt(np.mean(np.sum((atoms.positions - start.positions) ** 2, axis=1))))
     return np.sort(freqs), {"converged": converged, "steps": int(opt.nsteps), "rmsd_A": rmsd}
 

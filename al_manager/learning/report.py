@@ -21,14 +21,14 @@ COLUMNS = ("iteration", "labels", "new_labels", "failed_labels", "flagged_frames
 
 
 def write_report_csv(path: str | os.PathLike, rows: list[dict]) -> None:
-    from .state import write_atomic
+    from spectra.atomic import write_text
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in sorted(rows, key=lambda r: int(r["iteration"])):
         writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
-    write_atomic(path, buffer.getvalue())
+    write_text(path, buffer.getvalue())
 
 
 def read_report_csv(path: str | os.PathLike) -> list[dict]:

@@ -11,7 +11,7 @@ processes the manager started (so that a restarted manager can end the ones a ki
 - ``children``: PID, process group and role of every i-PI and ``mpirun`` process alive at the last write;
 - ``token``: a random tag put into the environment (``NANOSIL_AL_OWNER``) of every process the manager
   starts, directly or not (MPI ranks, label and training workers inherit it). On resume, any process that
-  still carries this work directory's tag belonged to a killed manager and is ended (:func:`end_orphans`);
+  still carries this work directory's tag belonged to a killed manager and is ended (:func:`al_manager.processes.end_orphans`);
   the tag, unlike a PID, cannot be reused by an unrelated process.
 
 A lock (``fcntl.flock`` on ``WORKDIR/.lock``, released by the kernel even on SIGKILL) keeps two managers off
@@ -25,15 +25,16 @@ import fcntl
 import json
 import os
 import secrets
-import signal
-import tempfile
 import time
 from pathlib import Path
+
+from spectra.atomic import write_json
+
+from al_manager.processes import OWNER_ENV
 
 SCHEMA = "nanosil.al-state/1"
 STATE_FILE = "state.json"
 LOCK_FILE = ".lock"
-OWNER_ENV = "NANOSIL_AL_OWNER"
 
 
 class WorkdirBusy(RuntimeError):
@@ -41,36 +42,6 @@ class WorkdirBusy(RuntimeError):
 
 
 # ---------------------------------------------------------------------- atomic files
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, fsync and ``os.replace``: a crash leaves the
-    old file or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # pragma: no cover - filesystems without directory fsync
-        pass
-
-
-def write_json_atomic(path: str | os.PathLike, data) -> None:
-    write_atomic(path, json.dumps(data, indent=1, sort_keys=False) + "\n")
-
-
 # ---------------------------------------------------------------------- the state
 def _new_state() -> dict:
     return {
@@ -121,7 +92,7 @@ class State:
 
     def save(self) -> None:
         self.data["updated"] = time.time()
-        write_json_atomic(self.workdir / STATE_FILE, self.data)
+        write_json(self.workdir / STATE_FILE, self.data)
 
     # -- convenience ----------------------------------------------------------------------------
     def __getitem__(self, key):
@@ -226,125 +197,3 @@ class WorkdirLock:
 
     def __exit__(self, *exc):
         self.release()
-
-
-# ---------------------------------------------------------------------- processes
-def _proc_state(pid: int) -> str | None:
-    """The one-letter state of a process ('R', 'S', 'Z', ...), None when it does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    return text.rpartition(")")[2].split()[0]
-
-
-def is_running(pid: int) -> bool:
-    """True for a live process (zombies, which only wait to be reaped, are not running)."""
-    state = _proc_state(pid)
-    return state is not None and state not in ("Z", "X")
-
-
-def tagged_processes(token: str, exclude: tuple[int, ...] = ()) -> list[int]:
-    """PIDs of live processes whose environment carries ``NANOSIL_AL_OWNER=token`` (Linux /proc)."""
-    needle = f"{OWNER_ENV}={token}".encode()
-    skip = {os.getpid(), *exclude}
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in skip:
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read()
-        except (OSError, ProcessLookupError):
-            continue
-        if needle in env.split(b"\0") and is_running(int(entry)) and not _own_resource_tracker(int(entry)):
-            found.append(int(entry))
-    return sorted(found)
-
-
-def _own_resource_tracker(pid: int) -> bool:
-    """multiprocessing's resource tracker of this very process (label workers start it): it ends with us,
-    and ending it early only makes multiprocessing start another."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            ppid = int(f.read().rpartition(")")[2].split()[1])
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read()
-    except (OSError, ValueError, IndexError):
-        return False
-    return ppid == os.getpid() and b"multiprocessing.resource_tracker" in cmd
-
-
-def signal_group_or_pid(pid: int, pgid: int | None, sig: int) -> None:
-    """Send ``sig`` to the process group ``pgid`` (when it is the child's own group) or else to ``pid``."""
-    try:
-        if pgid and pgid != os.getpgrp():
-            os.killpg(pgid, sig)
-        else:
-            os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def end_processes(pids: list[int], grace: float = 5.0) -> list[int]:
-    """SIGTERM each, wait up to ``grace`` s, SIGKILL what is left; returns the PIDs that had to be killed."""
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(is_running(p) for p in pids):
-        time.sleep(0.05)
-    killed = [p for p in pids if is_running(p)]
-    for pid in killed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return killed
-
-
-def end_orphans(state: State, grace: float = 5.0) -> list[int]:
-    """End every process a previous (killed) manager of this work directory left behind: the recorded
-    children's process groups, then anything else that carries the work directory's tag (MPI ranks,
-    label and training workers). Clears ``state['children']``. Returns the PIDs that were found alive."""
-    found = []
-    for child in state.data.get("children", []):
-        pid, pgid = int(child["pid"]), int(child.get("pgid") or 0)
-        if is_running(pid) and _carries_token(pid, state.token):
-            found.append(pid)
-            signal_group_or_pid(pid, pgid, signal.SIGTERM)
-    tagged = tagged_processes(state.token)
-    found += [p for p in tagged if p not in found]
-    if found:
-        end_processes(sorted(set(found) | set(tagged)), grace=grace)
-        # a process may have forked while we were signalling: one more sweep
-        late = tagged_processes(state.token)
-        if late:
-            end_processes(late, grace=1.0)
-    if state.data.get("children"):
-        state.data["children"] = []
-        state.save()
-    return sorted(set(found))
-
-
-def _carries_token(pid: int, token: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return f"{OWNER_ENV}={token}".encode() in f.read().split(b"\0")
-    except OSError:
-        return False
-
-
-def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
-    """For ``subprocess.Popen(preexec_fn=...)``: the child gets ``sig`` when the manager dies, even by
-    SIGKILL (Linux ``prctl(PR_SET_PDEATHSIG)``); a no-op where unavailable."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-    except Exception:  # pragma: no cover - not Linux
-        pass

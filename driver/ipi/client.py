@@ -18,8 +18,9 @@ from typing import Callable
 
 import numpy as np
 
+from ipi_inputs.files import SOCKETS_PREFIX
+
 HDRLEN = 12
-DEFAULT_SOCKETS_PREFIX = "/tmp/ipi_"
 
 Compute = Callable[[np.ndarray, np.ndarray], "tuple[float, np.ndarray, np.ndarray, str]"]
 
@@ -41,7 +42,7 @@ class IPIProtocolError(RuntimeError):
     """i-PI sent something this client does not speak (e.g. batched requests)."""
 
 
-def connect(mode: str, address: str, port: int = 0, sockets_prefix: str = DEFAULT_SOCKETS_PREFIX,
+def connect(mode: str, address: str, port: int = 0, sockets_prefix: str = SOCKETS_PREFIX,
             wait: float = 60.0) -> socket.socket:
     """Connect to i-PI, retrying for ``wait`` seconds while the server is not listening yet (a driver and
     i-PI are usually started together). ``mode`` is "unix" (``address`` = socket name, the path is
@@ -184,6 +185,6 @@ class IPIClient:
         self.sock.close()
 
 
-def unix_socket_path(name: str, sockets_prefix: str = DEFAULT_SOCKETS_PREFIX) -> str:
+def unix_socket_path(name: str, sockets_prefix: str = SOCKETS_PREFIX) -> str:
     """Where i-PI puts the UNIX socket NAME (``<simulation sockets_prefix=...>``, default /tmp/ipi_)."""
     return os.fspath(sockets_prefix + name)

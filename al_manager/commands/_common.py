@@ -37,7 +37,8 @@ def backend_options(args) -> dict:
 
 
 def read_structures(path: str, index: str = ":"):
-    """All frames (or ``index``) of an ASE-readable file; one-line errors naming the file."""
+    """All frames (or ``index``) of an ASE-readable file; one-line errors naming the file (and, for a
+    malformed xyz file, the line and frame: :func:`ipi_inputs.files.xyz_problem`)."""
     from ase.io import read
 
     from al_manager.cli import UsageError
@@ -47,8 +48,11 @@ def read_structures(path: str, index: str = ":"):
         raise FileNotFoundError(f"input file {path} does not exist")
     try:
         frames = read(str(p), index=index)
-    except Exception as exc:  # ASE raises many kinds for a malformed file
-        raise UsageError(f"cannot read {path}: {type(exc).__name__}: {' '.join(str(exc).split())}") from exc
+    except Exception as exc:  # ASE raises many kinds for a malformed file; its words name no file nor line
+        from ipi_inputs.files import xyz_problem
+
+        problem = xyz_problem(p) if p.suffix.lower() in (".xyz", ".extxyz") else None
+        raise UsageError(problem or f"cannot read {path}: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
     frames = frames if isinstance(frames, list) else [frames]
     if not frames:
         raise UsageError(f"{path}: no structures (index {index!r})")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spectra.spectrum import atomic_write_text as _atomic_write
+from spectra.atomic import write_text
 
 from ._common import add_backend_arguments, backend_options, read_structures
 
@@ -113,10 +113,10 @@ def run(args) -> int:
     rows = ["mode,frequency_cm-1,intensity_km_per_mol,vibration"]
     rows += [f"{k},{f:.4f},{i:.6f},{int(v)}"
              for k, (f, i, v) in enumerate(zip(har.frequencies, har.intensities, vib))]
-    _atomic_write(out / "harmonic.csv", "\n".join(rows) + "\n")
+    write_text(out / "harmonic.csv", "\n".join(rows) + "\n")
     freq, inten = har.frequencies[vib], har.intensities[vib]
     grid, spec = broadened(freq, inten, args.fwhm)
-    _atomic_write(out / "spectrum.csv", "wavenumber_cm-1,intensity_km_per_mol\n"
+    write_text(out / "spectrum.csv", "wavenumber_cm-1,intensity_km_per_mol\n"
                   + "".join(f"{g:.4f},{s:.6g}\n" for g, s in zip(grid, spec)))
     _plot(out / "spectrum.png", freq, inten, grid, spec,
           f"{atoms.get_chemical_formula()} harmonic IR, {backend.method}")

@@ -1,1 +1,0 @@
-"""`nanosil train` and `nanosil evaluate`."""
