@@ -64,7 +64,7 @@ def train_step_ms(committee, atoms, batch_size: int, repeat: int) -> tuple[float
     turn = iter(range(10**9))
     step = lambda: training._train_step(loss_fn, batches[next(turn) % len(batches)], packed, params, opt)
     widths = [layer.weight.shape[1:] for layer in model.layers[:-1]]
-    return timed(step, max(5, repeat // 3)), timed(gemm_floor(widths, batch_size * len(atoms)), repeat)
+    return timed(step, max(10, repeat)), timed(gemm_floor(widths, batch_size * len(atoms)), repeat)
 
 
 def gemm_floor(widths: list[tuple[int, int]], atoms: int):

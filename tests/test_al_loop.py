@@ -45,16 +45,10 @@ P1 = "{structure}"
 
 [reference]
 backend = "{backend}"
-label_workers = 2
-
-[committee]
-size = 2
-dipole_size = 0
-
-[thresholds]
-energy_per_atom = 0.0001   # eV/atom: far below a tiny committee's disagreement, so frames come at once
+workers = 2
 
 [sampling]
+energy_threshold = 0.0001   # eV/atom: far below a tiny committee's disagreement, so frames come at once
 max_md_ps = 0.25
 parallel_runs = 2
 mpi_ranks = 2
@@ -68,6 +62,8 @@ n_random = 2
 n_select = 6
 
 [train]
+committee = 2
+dipole_members = 0
 epochs = 10
 patience = 10
 model = {{ hidden = [16, 16] }}
@@ -335,7 +331,7 @@ def test_killed_during_sampling_and_labelling_resumes_without_loss_or_repeats(in
 @pytest.mark.slow
 def test_crashed_and_exploded_runs_are_recorded_and_the_iteration_goes_on(tmp_path, small_config):
     """A driver that cannot start (an element the committee does not know) and a structure whose
-    committee disagreement passes the upper cap: both recorded, the healthy run still delivers."""
+    committee disagreement reaches the trust cap: both recorded, the healthy run still delivers."""
     from ase.io import read, write
 
     from al_manager.learning.sampling import Sampler, SamplingSettings, plan_runs
@@ -351,19 +347,27 @@ def test_crashed_and_exploded_runs_are_recorded_and_the_iteration_goes_on(tmp_pa
     lines = []
     state = State.load(tmp_path / "wd", create=True)
     specs = plan_runs({"P1": str(p1), "FeSiO3": str(tmp_path / "FeSiO3.xyz")}, [500])
-    settings = SamplingSettings(max_md_ps=0.1, energy_threshold=1e-5, max_parallel=2, mpi_ranks=1,
-                                partner_grace_s=2)
+    settings = SamplingSettings(max_md_ps=0.1, timestep_fs=1.0, energy_threshold=1e-5, parallel_runs=2,
+                                mpi_ranks=1, partner_grace_s=2)
     with _owner(state):
         record = Sampler(state, 1, specs, models, tmp_path / "wd" / "it1", settings, log=lines.append).run()
     runs = record["runs"]
     assert runs["P1_500K"]["status"] == "done" and runs["P1_500K"]["frames"] == 1
+    # the run's i-PI input carries the configured time step, and the step count follows it
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(tmp_path / "wd" / "it1" / "runs" / "P1_500K" / "simulation.xml").getroot()
+    assert float(root.find(".//dynamics/timestep").text) == 1.0
+    assert int(root.find(".//total_steps").text) == 100
+    assert runs["P1_500K"]["timestep_fs"] == 1.0
     assert runs["FeSiO3_500K"]["status"] == "crashed"
     assert "Fe" in runs["FeSiO3_500K"]["reason"]
     assert [f["run"] for f in record["frames"]] == ["P1_500K"]
     assert any("FeSiO3_500K crashed" in line for line in lines)
 
-    # an upper cap below the committee's disagreement: the structure counts as exploded, nothing is kept
-    settings = SamplingSettings(max_md_ps=0.1, energy_threshold=1e-6, upper_cap=2e-6, max_parallel=1,
+    # a trust cap below the committee's disagreement (nanosil-driver --trust-cap): the structure counts as
+    # exploded, nothing is kept
+    settings = SamplingSettings(max_md_ps=0.1, energy_threshold=1e-6, trust_cap=2e-6, parallel_runs=1,
                                 mpi_ranks=1)
     with _owner(state):
         record = Sampler(state, 2, plan_runs({"P1": str(p1)}, [500]), models, tmp_path / "wd" / "it2",
@@ -394,11 +398,22 @@ class _owner:
     ("backend", "reference.backend"),
     ("structure", "structures.P1"),
     ("temperature", "temperatures[1]"),
+    ("element", "structures.P1: element Fe is not in the model's species (Mg, O, Si)"),
+    ("train type", "train.epochs: must be an integer"),
 ])
 def test_bad_config_is_one_line_naming_the_key(tmp_path, case, key):
+    if case == "element":  # refused at load time, before any reference work (no work directory yet)
+        from ase.io import read, write
+
+        iron = read(shared_file("structures", "pyroxene_N01_GM.xyz"))
+        iron.symbols[0] = "Fe"
+        write(tmp_path / "FeSiO3.xyz", iron)
     kwargs = {"backend": dict(backend="dftb"), "structure": dict(structure=tmp_path / "missing.xyz"),
-              "temperature": dict(temperatures=(400, -100))}[case]
+              "temperature": dict(temperatures=(400, -100)), "element": dict(structure=tmp_path / "FeSiO3.xyz"),
+              "train type": {}}[case]
     config = write_config(tmp_path, tmp_path / "wd", **kwargs)
+    if case == "train type":  # a string where TrainConfig takes an integer: refused before labelling
+        config.write_text(config.read_text().replace("epochs = 10", 'epochs = "10"'))
     for command in ("init", "run"):
         proc = nanosil("al", command, config, cwd=tmp_path, timeout=120)
         assert proc.returncode == 2

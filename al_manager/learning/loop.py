@@ -215,7 +215,7 @@ class Manager:
         frames = []
         for name in self.config.structure_files:
             frames += read(str(self.workdir / "initial" / f"{name}.extxyz"), index=":")
-        report = self._label(frames, origin_default="normal_modes", source="initial data")
+        self._label(frames, origin_default="normal_modes", source="initial data")
         self.state["initial"].update(labelled=self.n_labels(), failed=len(frames) - self.n_labels())
         self.state.set_phase("initial_train", 0)
 
