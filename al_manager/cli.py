@@ -19,6 +19,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "structures": ("al_manager.commands.structures", "find low-energy isomers of a formula by global search"),
     "al": ("al_manager.commands.al", "active learning: init | run | status"),
     "ir-campaign": ("al_manager.commands.campaign", "production MD IR spectra for many clusters, temperatures and seeds"),
+    "md": ("al_manager.commands.md", "one i-PI MD run of a structure with the committee, ending in its IR spectrum"),
+    "spectrum": ("al_manager.commands.spectrum", "MD IR spectrum (CSV + PNG) from dipole files or i-PI extras"),
+    "compare": ("al_manager.commands.compare", "compare two spectra or harmonic sets: MAE/RMSE table, JSON, overlay PNG"),
+    "sum": ("al_manager.commands.sum", "sum spectra over cluster sizes: absorption table, cross-section, kappa"),
 }
 
 

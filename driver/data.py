@@ -136,8 +136,22 @@ def frame_from_atoms(atoms: Atoms, **meta) -> Frame:
                  origin=meta.get("origin", ""), cluster=meta.get("cluster", ""))
 
 
-def read_frames(path: str | Path, selection=None) -> list[Frame]:
-    """All labelled rows of a database (or an ASE-readable file such as .traj / extxyz).
+def label_methods(db) -> dict[str, int]:
+    """Reference method -> number of labels in the database ``db``."""
+    counts: dict[str, int] = {}
+    try:
+        for row in db.select(columns=["key_value_pairs"]):
+            m = row.get("method", "")
+            counts[m] = counts.get(m, 0) + 1
+    except sqlite3.Error as exc:
+        raise database_error(getattr(db, "filename", "?"), exc) from exc
+    return counts
+
+
+def read_frames(path: str | Path, selection=None, method: str | None = None) -> list[Frame]:
+    """All labelled rows of a database (or an ASE-readable file such as .traj / extxyz). A database that
+    holds labels of several reference methods is refused unless ``method`` picks one: they are different
+    potential-energy surfaces and are never mixed silently.
 
     Raises FileNotFoundError for a missing path and :class:`DatasetError` (naming the file, and the row
     or frame) for a folder, an empty file, a file that is not a database or not readable, or a structure
@@ -152,6 +166,16 @@ def read_frames(path: str | Path, selection=None) -> list[Frame]:
     if path.suffix == ".db":
         db = connect(path)
         frames = []
+        methods = label_methods(db)
+        if method is None and len(methods) > 1:
+            raise DatasetError(f"dataset {path} mixes labels of several reference methods ("
+                               + ", ".join(f"{m}: {n}" for m, n in methods.items())
+                               + "); a model learns one surface: give one method (e.g. --method NAME)")
+        if method is not None:
+            if method not in methods:
+                raise DatasetError(f"dataset {path} has no labels of method {method!r}; it holds "
+                                   + (", ".join(methods) or "none"))
+            selection = f"method={method}" if selection is None else f"{selection},method={method}"
         try:
             for row in db.select(selection):
                 atoms = row.toatoms(add_additional_information=False)

@@ -16,7 +16,8 @@ authenticated and encrypted with CurveZMQ. The collector is the CURVE server and
 public key is in ``zmq_keys/allowed_clients/``; a refused handshake is logged and delivers nothing. Without
 keys the collector binds only to loopback, ``ipc://`` or ``inproc://``.
 
-Message schema ``nanosil.flag/1`` (Å, eV, e·Å): ``kind`` ("uncertain"), ``run_id``, ``step`` (index of
+Message schema ``nanosil.flag/1`` (Å, eV, e·Å): ``kind`` ("uncertain"; "exploded" messages carry only
+``run_id``, ``step``, ``criterion``, ``measure``, ``trust_cap`` and ``count``, no structure), ``run_id``, ``step`` (index of
 the force request since the driver connected, 0 = i-PI's initial configuration), ``species``
 (symbols), ``numbers``, ``positions`` (N x 3, Å), ``energy`` (eV, committee mean),
 ``energy_std_per_atom`` (eV/atom), ``max_force_std`` (eV/Å), ``dipole_std`` (e·Å or null),
@@ -342,8 +343,14 @@ class Flagger:
             self.exploded += 1
             if self.exploded == 1 or self.exploded % 100 == 0:
                 print(f"nanosil-driver: step {step}: structure exploded ({self.config.criterion} std "
-                      f"{decision.measure:.4g} {self.config.unit} >= cap {self.config.trust_cap:g}); not sent "
-                      f"for labelling ({self.exploded} exploded frames so far)", file=self.log, flush=True)
+                      f"{decision.measure:.4g} {self.config.unit} >= trust cap {self.config.trust_cap:g}); not "
+                      f"sent for labelling ({self.exploded} exploded frames so far)", file=self.log, flush=True)
+                if self.zmq is not None:  # the manager acts on the message kind, never on log text
+                    self.zmq.send({"schema": SCHEMA, "kind": "exploded", "run_id": self.config.run_id,
+                                   "step": int(step), "criterion": self.config.criterion,
+                                   "measure": float(decision.measure), "trust_cap": self.config.trust_cap,
+                                   "count": self.exploded, "model_version": self.model_version,
+                                   "time": time.time()})
         if decision.uncertain:
             message = self.message(step, positions, energy, energy_std_per_atom, max_force_std, dipole_std)
             if self.zmq is not None and self.zmq.send(message):

@@ -82,7 +82,10 @@ def test_uncertain_frames_travel_as_json_over_real_zmq(tmp_path, transport):
         got = collector.receive(timeout_ms=1000)
     assert [d.uncertain for d in decisions] == [False, True, True, False, True]
     assert decisions[3].exploded
-    assert [m["step"] for m in got] == [1, 2, 4]
+    assert [(m["kind"], m["step"]) for m in got] == [("uncertain", 1), ("uncertain", 2), ("exploded", 3),
+                                                       ("uncertain", 4)]
+    boom = got[2]   # the manager acts on this kind; it carries no structure, which is not for labelling
+    assert boom["measure"] == 2.0 and boom["trust_cap"] == 1.0 and boom["count"] == 1 and "positions" not in boom
     m = got[0]
     assert m["schema"] == SCHEMA and m["kind"] == "uncertain" and m["run_id"] == "test-run"
     assert m["species"] == ["Mg", "Si", "O", "O", "O"] and m["numbers"] == numbers

@@ -12,6 +12,8 @@ ROWS = [("energy per atom (meV)", "energy_mae_meV_per_atom", "energy_rmse_meV_pe
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", required=True, help="test structures with labels (ASE database or file)")
+    p.add_argument("--method", default=None, metavar="NAME",
+                   help="the reference method to use when the database holds several (e.g. xtb:GFN2-xTB)")
     p.add_argument("--models", required=True, help="committee folder")
     p.add_argument("--json", default=None, help="also write the table as JSON")
 
@@ -56,7 +58,7 @@ def run(args) -> int:
     from driver.training import error_table
 
     committee = load_committee(args.models, dtype=__import__("torch").float64)
-    frames = read_frames(args.db)
+    frames = read_frames(args.db, method=args.method)
     if not frames:
         raise UsageError(f"{args.db} holds no labelled structures: nothing to evaluate")
     for i, f in enumerate(frames):

@@ -12,6 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     count = number(int, minimum=1)
     p.add_argument("--db", required=True, help="labelled dataset: ASE database (.db) or any file ASE reads with labels")
+    p.add_argument("--method", default=None, metavar="NAME",
+                   help="the reference method to use when the database holds several (e.g. xtb:GFN2-xTB)")
     p.add_argument("--out", required=True, help="folder for the trained committee")
     p.add_argument("--committee", type=number(int, 1, 8), default=3,
                    help="energy/force members, 1-8 (default 3; uncertainties need >= 2)")
@@ -55,7 +57,9 @@ def run(args) -> int:
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        committee = train_committee(args.db, args.out, cfg)
+        from driver.data import read_frames
+
+        committee = train_committee(read_frames(args.db, method=args.method), args.out, cfg)
     finally:
         signal.signal(signal.SIGTERM, previous)
     from al_manager.commands.evaluate import print_table

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
+
 from spectra.atomic import write_text, write_with
 
 from .sampling import Sampler, frames_as_atoms, plan_runs, summarize
@@ -234,13 +236,38 @@ class Manager:
                  f"{len(self.config.temperatures)} temperature(s)), {self.config.sampling.parallel_runs} at a time, "
                  f"model {model.name}")
         t0 = time.time()
-        record = Sampler(self.state, k, specs, model, self.iter_dir(k), self.config.sampling,
+        settings = self.sampling_settings(k, model)
+        record = Sampler(self.state, k, specs, model, self.iter_dir(k), settings,
                          previous_iter_dir=self.iter_dir(k - 1) if k > 1 else None, log=self.log).run()
         s = summarize(record)
         record["sampling_seconds"] = round(record.get("sampling_seconds", 0.0) + time.time() - t0, 1)
         self.log(f"iteration {k}: sampling done: {s['frames']} uncertain frame(s) from {s['runs']} run(s) "
                  f"({s['done']} done, {s['crashed']} crashed, {s['exploded']} exploded; {s['md_ps']} ps of MD)")
         self.state.set_phase("labelling", k)
+
+    def sampling_settings(self, k: int, model: Path):
+        """``[sampling]`` with this iteration's threshold: the adaptive one (see ``adaptive_factor``) is
+        computed once per iteration from the committee's uncertainty on its training data and recorded, so
+        a resumed iteration samples with the same threshold."""
+        from .measure import training_uncertainty
+
+        s = self.config.sampling
+        if s.adaptive_factor is None:
+            return s
+        record = self.state.iteration_record(k)
+        criterion, floor, unit = s.criterion
+        if "threshold" not in record:
+            u = training_uncertainty(model, self.db, criterion, seed=self.config.seed + k)
+            median = float(np.median(u)) if len(u) else 0.0
+            record["threshold"] = {"criterion": criterion, "value": max(floor, s.adaptive_factor * median),
+                                   "training_median": median, "training_p90": float(np.percentile(u, 90)) if len(u) else 0.0,
+                                   "floor": floor, "factor": s.adaptive_factor}
+            self.state.save()
+        th = record["threshold"]
+        self.log(f"iteration {k}: adaptive threshold {th['value']:.4g} {unit} = max({floor:g}, "
+                 f"{s.adaptive_factor:g} x {th['training_median']:.4g}, the committee's median {criterion} std on "
+                 f"its training data; 90th percentile {th['training_p90']:.4g})")
+        return s.with_threshold(th["value"])
 
     def labelling(self) -> None:
         k = self.state.iteration

@@ -189,6 +189,27 @@ def harmonic_errors(models_dir: str | os.PathLike, references: dict[str, Referen
             "n_modes": int(alld.size), "structures": per}
 
 
+def training_uncertainty(models_dir: str | os.PathLike, db_path: str | os.PathLike, criterion: str,
+                         max_frames: int = 200, seed: int = 0) -> np.ndarray:
+    """The committee's calibrated uncertainty on (up to ``max_frames`` of) its own training data: energy std
+    per atom (eV/atom) for ``criterion="energy"``, max per-atom force std (eV/Å) for ``"force"``."""
+    import torch
+
+    from driver.data import read_frames
+    from driver.models.committee import load_committee
+
+    committee = load_committee(models_dir, dtype=torch.float32)
+    frames = read_frames(db_path)
+    if len(frames) > max_frames:
+        pick = np.random.default_rng(seed).choice(len(frames), max_frames, replace=False)
+        frames = [frames[i] for i in sorted(pick)]
+    values = []
+    for f in frames:
+        p = committee.predict(f.numbers, f.positions, forces=criterion == "force", member_forces=criterion == "force")
+        values.append(p.max_force_std if criterion == "force" else p.energy_std_per_atom)
+    return np.asarray(values, dtype=float)
+
+
 def validation_errors(models_dir: str | os.PathLike) -> dict:
     """The committee's validation errors as recorded at training time (``committee.json`` metadata)."""
     meta_file = Path(models_dir) / "committee.json"

@@ -31,7 +31,7 @@ import signal
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -46,7 +46,6 @@ from al_manager.processes import cwd_is, die_with_parent, end_processes, executa
 from .state import State
 
 PREFIX = "simulation"                     # i-PI output prefix inside a run folder
-_EXPLODED_MARK = "structure exploded"     # what nanosil-driver prints for an exploded structure
 _RECORDED_BEFORE_TIMESTEP_FS = 0.5        # runs recorded without their time step ran al_sampling.xml's 0.5 fs
 
 
@@ -67,6 +66,11 @@ class SamplingSettings:
     parallel_runs: int = 1                  # i-PI runs at once
     mpi_ranks: int = 1                      # ranks per nanosil-driver (mpirun -n)
     frames_per_run: int = 1                 # stop a run once it delivered this many uncertain frames
+    # Adaptive threshold: the threshold in use is max(threshold, adaptive_factor x the median calibrated
+    # uncertainty of the committee on its own training data), so a committee that is already unsure at the
+    # minimum (normal-mode data only) does not flag at step 1: runs travel before they flag. "none": fixed.
+    adaptive_factor: float | None = 3.0
+    min_flag_gap_fs: float = 25.0           # frames of one run closer in time than this to the last kept one are skipped
     driver_threads: int = 1                 # torch threads per rank
     dtype: Literal["float32", "float64"] = "float32"
     seed: int = 12345
@@ -79,7 +83,7 @@ class SamplingSettings:
     def __post_init__(self):
         from ipi_inputs.render import AL_MAX_PS
 
-        for key in ("energy_threshold", "force_threshold", "trust_cap", "max_wall_s"):
+        for key in ("energy_threshold", "force_threshold", "trust_cap", "max_wall_s", "adaptive_factor"):
             value = getattr(self, key)
             if value is not None and not value > 0:
                 raise ValueError(f"{key} must be > 0, got {value:g}")
@@ -103,7 +107,7 @@ class SamplingSettings:
         for key in ("parallel_runs", "mpi_ranks", "frames_per_run", "driver_threads", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("exit_grace_s", "partner_grace_s"):
+        for key in ("exit_grace_s", "partner_grace_s", "min_flag_gap_fs"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key):g}")
 
@@ -118,6 +122,14 @@ class SamplingSettings:
     def steps(self) -> int:
         """MD steps of at most ``max_md_ps`` at ``timestep_fs``."""
         return max(1, math.floor(self.max_md_ps * 1000.0 / self.timestep_fs + 1e-9))
+
+    def with_threshold(self, threshold: float) -> "SamplingSettings":
+        """These settings with the threshold of the criterion in use set to ``threshold`` (kept below the
+        trust cap)."""
+        if self.trust_cap is not None:
+            threshold = min(threshold, 0.5 * self.trust_cap)
+        name = "force_threshold" if self.criterion[0] == "force" else "energy_threshold"
+        return replace(self, **{name: float(threshold)})
 
     def driver_flags(self) -> list[str]:
         """The flagging options of ``nanosil-driver``: one name each, as in this section."""
@@ -187,9 +199,9 @@ class _Live:
     started: float = field(default_factory=time.monotonic)
     exit_requested: float | None = None
     why_stop: str = ""
-    exploded: bool = False
+    exploded: str = ""               # why, when the driver reported an exploded structure (ZMQ kind "exploded")
     ended_one: float | None = None   # when the first of the two processes ended
-    log_pos: int = 0
+    last_flag_step: int | None = None
 
     def request_exit(self, why: str) -> None:
         if self.exit_requested is None:
@@ -199,21 +211,6 @@ class _Live:
 
     def alive(self) -> bool:
         return self.ipi.poll() is None or self.driver.poll() is None
-
-    def check_exploded(self) -> bool:
-        """Scan the new part of the driver's log for its 'structure exploded' report."""
-        path = self.run_dir / "driver.log"
-        try:
-            with open(path, "rb") as f:
-                f.seek(self.log_pos)
-                chunk = f.read()
-        except OSError:
-            return self.exploded
-        # keep a little overlap so that a line split between reads is still seen
-        self.log_pos += max(0, len(chunk) - 64)
-        if _EXPLODED_MARK.encode() in chunk:
-            self.exploded = True
-        return self.exploded
 
     def kill(self) -> None:
         for proc in (self.ipi, self.driver):
@@ -341,10 +338,22 @@ class Sampler:
         live = self.live.get(name) if name else None
         # step 0 is the start configuration: the reference minimum (part of the initial data) or where the
         # previous iteration stopped, right after its own flagged frame; labelling it again teaches nothing
+        if live is not None and message.get("kind") == "exploded":
+            if not live.exploded:
+                live.exploded = (f"{message.get('criterion')} std {float(message.get('measure', float('nan'))):.4g} >= "
+                                 f"trust cap {message.get('trust_cap')} at step {message.get('step')}")
+                live.request_exit("structure exploded")
+            return
         if live is None or live.quota <= 0 or message.get("kind") != "uncertain" or int(message.get("step", 0)) == 0:
             self.record["ignored_frames"] = self.record.get("ignored_frames", 0) + 1
             return
         spec, rec = live.spec, self.record["runs"][name]
+        step = int(message.get("step", -1))
+        gap = int(round(self.settings.min_flag_gap_fs / self.settings.timestep_fs))
+        if live.last_flag_step is not None and 0 <= step - live.last_flag_step < gap:
+            # the next steps of an uncertain frame are nearly the same structure: one label teaches as much
+            self.record["ignored_frames"] = self.record.get("ignored_frames", 0) + 1
+            return
         try:
             numbers = [int(z) for z in message["numbers"]]
             positions = np.asarray(message["positions"], dtype=float).reshape(len(numbers), 3)
@@ -363,6 +372,7 @@ class Sampler:
         self.record["frames"].append(frame)
         rec["frames"] += 1
         live.quota -= 1
+        live.last_flag_step = step
         self.state.save()  # the frame is safe before anything else happens
         measure = frame["max_force_std"] if frame["criterion"] == "force" else frame["energy_std_per_atom"]
         measure = float(measure) if isinstance(measure, (int, float)) else float("nan")
@@ -376,8 +386,6 @@ class Sampler:
     def _supervise(self, live: _Live) -> None:
         """Ask, then make, a run stop when it should; called on every pass of the event loop."""
         s, now = self.settings, time.monotonic()
-        if live.exit_requested is None and live.check_exploded():
-            live.request_exit("structure exploded")
         if live.exit_requested is None and s.max_wall_s and now - live.started > s.max_wall_s:
             live.request_exit(f"wall-clock limit {s.max_wall_s:g} s")
         ipi_done, drv_done = live.ipi.poll() is not None, live.driver.poll() is not None
@@ -405,8 +413,8 @@ class Sampler:
         rec["seconds"] = round(rec.get("seconds", 0.0) + time.monotonic() - live.started, 1)
         steps = _last_step(live.run_dir / f"{PREFIX}.out")
         rec["steps"] = steps
-        if live.check_exploded():
-            rec["status"], rec["reason"] = "exploded", _tail_reason(live.run_dir / "driver.log", (_EXPLODED_MARK,))
+        if live.exploded:
+            rec["status"], rec["reason"] = "exploded", f"structure exploded: {live.exploded}"
         elif rc_ipi == 0 and rc_drv == 0:
             rec["status"] = "done"
             rec["reason"] = live.why_stop or f"maximum MD time ({steps} steps)"

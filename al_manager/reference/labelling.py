@@ -230,7 +230,11 @@ def _make_executor(kind: str, workers: int, threads: int | None):
 
         env = {"OMP_NUM_THREADS": str(threads)} if threads else None
         return MPIPoolExecutor(max_workers=workers, env=env)
-    raise ValueError(f"executor must be 'process', 'mpi' or 'serial', not {kind!r}")
+    if kind == "parsl":  # the open al_manager.execution.session's labelling pool, else a private local one
+        from al_manager.execution import parsl_executor
+
+        return parsl_executor(workers, threads)
+    raise ValueError(f"executor must be 'process', 'mpi', 'parsl' or 'serial', not {kind!r}")
 
 
 def _abort(pool) -> None:
@@ -298,7 +302,10 @@ def label_structures(structures: list[Atoms], backend: str, db_path, *, workers:
     metadata : dict or list of dict, optional
         Key-value pairs stored with every label (one dict for all, or one per structure), e.g.
         ``cluster``, ``origin``, ``temperature``; they override ``atoms.info``.
-    executor : "process" | "mpi" | "serial"
+    executor : "process" | "mpi" | "parsl" | "serial"
+        "parsl": a Parsl HighThroughputExecutor (:mod:`al_manager.execution`): the open ``session``'s
+        labelling pool (cluster nodes), else a private local one of ``workers`` workers; a task whose
+        worker died is retried by Parsl.
     source : str
         Name used in messages ("<source> frame <i>"), e.g. the input file.
     retry_failed : bool
@@ -349,6 +356,14 @@ def label_structures(structures: list[Atoms], backend: str, db_path, *, workers:
         raise ValueError(f"backend {backend!r}: {exc}") from exc
     be.check_available()
     method = be.method
+    if Path(db_path).is_file():
+        from driver.data import connect as _connect, label_methods
+
+        others = {m: n for m, n in label_methods(_connect(db_path)).items() if m != method}
+        if others:
+            raise ValueError(f"{db_path} already holds labels of another reference method ("
+                             + ", ".join(f"{m}: {n}" for m, n in others.items())
+                             + f"); labels of {method} go into a database of their own")
     prefix = f"{source} " if source else ""
 
     # 1. refuse bad input before anything runs

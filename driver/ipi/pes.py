@@ -128,7 +128,9 @@ class NanosilDriver(Dummy_driver):
         self.step = 0
 
     def compute_structure(self, cell, pos):
-        """``pos`` (N,3) and ``cell`` in Bohr -> energy (Hartree), forces (Hartree/Bohr), virial, extras."""
+        """``pos`` (N,3) and ``cell`` in Bohr -> energy (Hartree), forces (Hartree/Bohr), virial, extras.
+        Raises :class:`AtomCountMismatch` or :class:`NonFinitePositions` (both ValueError) for a request
+        the model must not see."""
         pos = np.asarray(pos, dtype=np.float64).reshape(-1, 3)
         if len(pos) != len(self.numbers):
             raise AtomCountMismatch(f"i-PI sent {len(pos)} atoms but {self.source} has {len(self.numbers)}: "
