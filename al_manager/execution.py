@@ -223,7 +223,12 @@ def build_execution(table: dict, where: Where, section: str = "execution") -> Ex
             if not isinstance(sub, dict):
                 where.fail(f"{section}.{name}", f"must be a table ([{section}.{name}]), got {type_name(sub)}")
             subs[name] = build(cls, sub, f"{section}.{name}", where)
-    if table.get("mode") == "parsl" and not parsl_available():
+    if table.get("mode", "local") == "local":
+        for name, sub in subs.items():
+            if sub != type(sub)():
+                where.fail(f"{section}.{name}", 'is set, but mode = "local" does not use it: set mode = "parsl" '
+                                                f'(or remove [{section}.{name}])')
+    elif table.get("mode") == "parsl" and not parsl_available():
         where.fail("", f"[{section}] {PARSL_MISSING}")
     return build(ExecutionSettings, table, section, where, **subs)
 

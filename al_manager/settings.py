@@ -23,7 +23,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["ConfigError", "Where", "read_toml", "build", "convert", "check_keys", "suggest", "type_name"]
+__all__ = ["ConfigError", "Where", "read_toml", "build", "convert", "check_keys", "suggest", "type_name",
+           "table_of", "temperatures"]
 
 NONE_WORDS = ("none", "off")   # TOML has no null: an optional value is switched off with "none"
 
@@ -70,6 +71,19 @@ def check_keys(table: dict, known, prefix: str, where: Where) -> None:
     for key in table:
         if key not in known:
             where.fail(f"{prefix}{key}", f"unknown key{suggest(key, known)}; known here: {', '.join(known)}")
+
+
+def temperatures(value, key: str, where: Where) -> list[float]:
+    """A non-empty list of distinct positive temperatures (K)."""
+    temps = convert(value, list[float], key, where)
+    if not temps:
+        where.fail(key, "needs at least one temperature (K)")
+    for k, t in enumerate(temps):
+        if not t > 0:
+            where.fail(f"{key}[{k}]", f"{t:g} K: temperatures must be > 0 K")
+    if len(set(temps)) != len(temps):
+        where.fail(key, f"repeated temperature in {temps}")
+    return temps
 
 
 def table_of(data: dict, name: str, where: Where) -> dict:

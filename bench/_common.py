@@ -4,7 +4,6 @@ The benches run as ``python bench/NAME.py``, which puts this folder first on ``s
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -62,7 +61,7 @@ def run_ipi_with_driver(xml: Path, socket: str, driver: list[str], ipi_log: Path
 
 
 def write_json(path: str, figures: dict) -> None:
-    """``figures`` as indented JSON, through a .tmp file and os.replace: a reader never sees half a file."""
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(figures, indent=2))
-    os.replace(tmp, path)
+    """``figures`` as indented JSON, atomically (:mod:`spectra.atomic`): a reader never sees half a file."""
+    from spectra.atomic import write_json as _write
+
+    _write(path, figures, indent=2)

@@ -204,10 +204,9 @@ def table(result: dict) -> str:
 
 
 def write_json(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=1)
-    os.replace(tmp, path)
+    from spectra.atomic import write_json as _write
+
+    _write(path, payload)
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,7 @@ nanosil imports spectra and spectra imports none of them.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import shutil
@@ -49,6 +50,8 @@ def write_with(path: str | os.PathLike, write: Callable[[Path], None], suffix: s
     ``suffix`` keeps the extension for writers that pick the format from it (matplotlib, ASE).
     """
     path = Path(path)
+    if path.is_dir():  # named here: the rename would otherwise report the temporary file
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
     os.close(fd)

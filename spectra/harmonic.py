@@ -80,7 +80,7 @@ def _rigid_body_basis(masses: np.ndarray, positions: np.ndarray) -> np.ndarray:
 def harmonic_from_derivatives(
     masses: np.ndarray,
     hessian: np.ndarray,
-    dipole_derivatives: np.ndarray,
+    dipole_derivatives: np.ndarray | None,
     positions: np.ndarray | None = None,
     project: bool = False,
 ) -> HarmonicIR:
@@ -88,14 +88,15 @@ def harmonic_from_derivatives(
 
     masses (N,) amu; hessian (3N, 3N) eV/Å^2 (symmetrised here); dipole_derivatives (N, 3, 3) in e with
     [atom i, cartesian a, dipole component b] = d mu_b / d r_{i,a}. ``project`` (needs ``positions``, Å)
-    removes translations and rotations from the mass-weighted Hessian first.
+    removes translations and rotations from the mass-weighted Hessian first. Without dipole derivatives
+    (``None``: a committee without a dipole model) the intensities are NaN.
     """
     masses = np.asarray(masses, dtype=float)
     n = len(masses)
     h = np.asarray(hessian, dtype=float)
     if h.shape != (3 * n, 3 * n):
         raise ValueError(f"Hessian has shape {h.shape}, expected {(3 * n, 3 * n)} for {n} atoms")
-    dmu = np.asarray(dipole_derivatives, dtype=float)
+    dmu = np.full((n, 3, 3), np.nan) if dipole_derivatives is None else np.asarray(dipole_derivatives, dtype=float)
     if dmu.shape != (n, 3, 3):
         raise ValueError(f"dipole derivatives have shape {dmu.shape}, expected {(n, 3, 3)}")
     h = 0.5 * (h + h.T)

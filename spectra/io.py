@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -397,15 +396,8 @@ def write_dipole_members_npz(path: str | os.PathLike, members_eA: np.ndarray,
 
 
 def _write_npz(path: str | os.PathLike, arrays: dict, steps) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        if steps is not None:
-            arrays = dict(arrays, steps=np.asarray(steps))
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .atomic import write_with
+
+    if steps is not None:
+        arrays = dict(arrays, steps=np.asarray(steps))
+    write_with(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")

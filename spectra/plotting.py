@@ -8,7 +8,6 @@ the legend; ``plot_harmonic`` draws sticks and the broadened curve.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -30,18 +29,10 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{fmt}", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .atomic import write_with
+
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    write_with(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight"), suffix=f".{fmt}")
 
 
 def plot_spectra(

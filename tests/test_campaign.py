@@ -39,7 +39,7 @@ def _minimal(tmp_path: Path, **extra) -> dict:
     ({"md": {"prodution_ps": 10}}, "md.prodution_ps: unknown key (did you mean 'production_ps'?)"),
     ({"ensemble": "npt"}, "ensemble: must be one of 'nvt', 'nve'"),
     ({"seeds": [1, 1]}, "seeds: repeated values"),
-    ({"temperatures": [300, -5]}, "-5 is not a positive temperature"),
+    ({"temperatures": [300, -5]}, "temperatures[1]: -5 K: temperatures must be > 0 K"),
     ({"spectra": {"correlation_depth_fs": 50000}}, "spectra.correlation_depth_fs"),
     ({"ensemble": "nve", "md": {"equilibration_ps": 0}}, "md.equilibration_ps: must be positive"),
     ({"run": {"drivers": 64, "workers": 64}}, "oversubscribe"),

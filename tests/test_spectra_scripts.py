@@ -1,4 +1,5 @@
-"""The four standalone scripts: --help, real runs producing files, one-line errors with exit code 2."""
+"""The four standalone scripts and the installed `nanosil spectrum | compare | sum` behind three of them: --help,
+real runs producing files, one-line errors with exit code 2."""
 from __future__ import annotations
 
 import os
@@ -24,6 +25,13 @@ def run(script, *args, cwd=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
     return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def nanosil(*args, cwd=None):
+    """The installed console script (what a user without a checkout runs)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    return subprocess.run([str(Path(sys.executable).parent / "nanosil"), *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=300)
 
 
 def assert_one_line_error(proc, *needles):
@@ -294,3 +302,90 @@ def test_harmonic_ir_ml_model_uses_autograd(tmp_path):
     assert np.loadtxt(tmp_path / "P1ml_modes.txt").shape == (15, 2)
     assert_one_line_error(run("harmonic_ir.py", p1, "--calculator", "ml", "--models", tmp_path / "nothing",
                               "--out", tmp_path / "x"), "nothing")
+
+
+# ------------------------------------------------------------------------------------------ installed subcommands
+@pytest.mark.parametrize("command", ["spectrum", "compare", "sum"])
+def test_nanosil_subcommand_help(command):
+    proc = nanosil(command, "--help")
+    assert proc.returncode == 0 and f"usage: nanosil {command}" in proc.stdout and "--plot" in proc.stdout
+    assert command in nanosil("--help").stdout
+
+
+def test_nanosil_spectrum(tmp_path):
+    """`nanosil spectrum` = scripts/ir_spectrum.py: absolute band area, committee band, PNG, one-line errors."""
+    temperature, nu, n = 300.0, 800.0, 16000  # 8 ps at 0.5 fs
+    dmu = np.array([0.2, -0.1, 0.05])
+    mu = harmonic_mode_dipoles(nu, dmu, temperature, n)
+    write_ipi_extras(tmp_path / "run.dipole_0", mu / units.Bohr)
+    write_ipi_members(tmp_path / "run.dipole_members_0", np.array([1.0, 1.1])[:, None, None] * mu[None] / units.Bohr)
+    out, png = tmp_path / "s.csv", tmp_path / "s.png"
+    proc = nanosil("spectrum", tmp_path / "run.dipole_0", "--timestep", 0.5, "--temperature", temperature,
+                   "--discard-ps", 1, "--max-wavenumber", 2000, "--committee-band", tmp_path / "run.dipole_members_0",
+                   "--out", out, "--plot", png)
+    assert proc.returncode == 0, proc.stderr
+    assert "committee band of 2 dipole members" in proc.stdout
+    spec = read_spectrum(out)
+    assert spec.integral(nu - 250, nu + 250) == pytest.approx(float(dmu @ dmu) * KM_MOL_PER_E2_AMU, rel=0.02)
+    assert spec.std_committee is not None and spec.std_committee.max() > 0 and spec.intensity.min() >= 0
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    # the same CSV as the script's
+    assert run("ir_spectrum.py", tmp_path / "run.dipole_0", "--timestep", 0.5, "--temperature", temperature,
+               "--discard-ps", 1, "--max-wavenumber", 2000, "--committee-band", tmp_path / "run.dipole_members_0",
+               "--out", tmp_path / "script.csv").returncode == 0
+    assert (tmp_path / "script.csv").read_text() == out.read_text()
+    bad = ["--timestep", 0.5, "--temperature", temperature, "--out", tmp_path / "x.csv"]
+    assert_one_line_error(nanosil("spectrum", tmp_path / "nope.dipole_0", *bad), "nanosil spectrum: error:",
+                          "nope.dipole_0", "no such file")
+    assert_one_line_error(nanosil("spectrum", tmp_path / "run.dipole_members_0", *bad), "run.dipole_members_0")
+    assert_one_line_error(nanosil("spectrum", tmp_path / "run.dipole_0", "--timestep", 0.5, "--temperature",
+                                  temperature, "--out", tmp_path), "nanosil spectrum: error:", f"--out {tmp_path} is a folder")
+    assert_one_line_error(nanosil("spectrum", tmp_path / "run.dipole_0", "--out", "x.csv"), "--timestep")
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_nanosil_compare(tmp_path):
+    import json
+
+    from spectra.broadening import broaden
+    from spectra.spectrum import write_spectrum_csv
+
+    grid = np.linspace(0, 2000, 2001)
+    write_spectrum_csv(tmp_path / "a.csv", broaden([1000.0], [100.0], grid, fwhm=20, normalization="area"))
+    write_spectrum_csv(tmp_path / "b.csv", broaden([1010.0], [100.0], grid, fwhm=20, normalization="area"))
+    np.savetxt(tmp_path / "ha.txt", [[500.0, 10.0], [1000.0, 100.0]])
+    np.savetxt(tmp_path / "hb.txt", [[504.0, 12.0], [1002.0, 90.0]])
+    proc = nanosil("compare", tmp_path / "a.csv", tmp_path / "b.csv", "--json", tmp_path / "c.json",
+                   "--plot", tmp_path / "c.png")
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads((tmp_path / "c.json").read_text())
+    assert figures["kind"] == "spectrum" and figures["max_peak_a_cm-1"] == pytest.approx(1000.0)
+    assert figures["max_peak_b_cm-1"] == pytest.approx(1010.0) and figures["area_a"] == pytest.approx(100.0, rel=1e-3)
+    assert (tmp_path / "c.png").read_bytes()[:8] == PNG_MAGIC
+    proc = nanosil("compare", tmp_path / "ha.txt", tmp_path / "hb.txt", "--kind", "harmonic", "--json", tmp_path / "h.json")
+    assert proc.returncode == 0, proc.stderr
+    h = json.loads((tmp_path / "h.json").read_text())
+    assert h["kind"] == "harmonic" and h["frequency_mae_cm-1"] == pytest.approx(3.0)
+    assert_one_line_error(nanosil("compare", tmp_path / "a.csv", tmp_path / "b.csv", "--range", 10, 5),
+                          "nanosil compare: error:", "empty range")
+    assert_one_line_error(nanosil("compare", tmp_path / "a.csv", tmp_path / "missing.csv"), "missing.csv")
+
+
+def test_nanosil_sum(tmp_path):
+    from spectra.broadening import broaden
+    from spectra.spectrum import write_spectrum_csv
+
+    grid = np.linspace(0, 2000, 2001)
+    write_spectrum_csv(tmp_path / "P1.csv", broaden([1000.0], [100.0], grid, fwhm=20, normalization="area"))
+    write_spectrum_csv(tmp_path / "P2.csv", broaden([1050.0], [300.0], grid, fwhm=20, normalization="area"))
+    proc = nanosil("sum", tmp_path / "P1.csv", tmp_path / "P2.csv", "--formula-unit", "MgSiO3", "--sizes", 1, 2,
+                   "--out", tmp_path / "sum.txt", "--csv", tmp_path / "sum.csv", "--plot", tmp_path / "sum.png")
+    assert proc.returncode == 0, proc.stderr
+    table = np.loadtxt(tmp_path / "sum.txt")
+    assert table.shape[1] == 6
+    assert np.trapezoid(table[:, 2], table[:, 0]) == pytest.approx(0.5 * 100 + 0.5 * 300, rel=1e-3)  # equal weights
+    assert (tmp_path / "sum.png").read_bytes()[:8] == PNG_MAGIC
+    assert read_spectrum(tmp_path / "sum.csv").integral() == pytest.approx(200.0, rel=1e-3)
+    assert_one_line_error(nanosil("sum", tmp_path / "P1.csv", "--formula-unit", "MgSiO3", "--sizes", 1, 2,
+                                  "--out", tmp_path / "x.txt"), "nanosil sum: error:", "2 sizes for 1 spectra")
+    assert_one_line_error(nanosil("sum", tmp_path / "P1.csv", "--out", tmp_path / "x.txt"), "--formula-unit")

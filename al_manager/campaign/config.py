@@ -50,7 +50,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from al_manager.settings import Where, build, check_keys, convert, read_toml, table_of
+from al_manager.settings import Where, build, check_keys, convert, read_toml, table_of, temperatures
 
 COMPOSITIONS = {"pyroxene": {"Mg": 1, "Si": 1, "O": 3}, "olivine": {"Mg": 2, "Si": 1, "O": 4}}
 
@@ -250,14 +250,7 @@ def config_from_dict(data: dict, base: Path, source: Path | None = None, check_f
     default_out = base / (source.stem if source is not None else "campaign")
     output = base / convert(data["output"], Path, "output", where) if "output" in data else default_out
 
-    temps = convert(data.get("temperatures", [100, 400, 800]), list[float], "temperatures", where)
-    if not temps:
-        where.fail("temperatures", "must be a non-empty list of K")
-    for k, temp in enumerate(temps):
-        if not temp > 0:
-            where.fail(f"temperatures[{k}]", f"{temp:g} is not a positive temperature in K")
-    if len(set(temps)) != len(temps):
-        where.fail("temperatures", f"repeated values in {temps}")
+    temps = temperatures(data.get("temperatures", [100, 400, 800]), "temperatures", where)
     seeds = data.get("seeds", 3)
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         if seeds < 1:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from al_manager.commands.spectrum import one_line_os_errors
+from al_manager.commands.spectrum import check_outputs, one_line_os_errors
 
 DESCRIPTION = __doc__.split("\n\n")[0].split(": ", 1)[1]
 
@@ -51,6 +51,7 @@ def run(args) -> int:
     from spectra.harmonic import HarmonicIR
     from spectra.spectrum import Spectrum
 
+    check_outputs(json=args.json, plot=args.plot)
     lo, hi = args.range
     if lo >= hi:
         raise ValueError(f"empty range {lo:g}-{hi:g} cm^-1")

@@ -13,7 +13,6 @@ cached in ``DIR/ir_cache`` so an interrupted run resumes); orca runs its analyti
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -78,10 +77,12 @@ def _plot(path: Path, freq, inten, grid, spec, title: str) -> None:
     ax.set_title(title)
     ax.legend(frameon=False)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=150)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from spectra.atomic import write_with
+
+    try:
+        write_with(path, lambda tmp: fig.savefig(tmp, dpi=150, format="png"), suffix=".png")
+    finally:
+        plt.close(fig)
 
 
 def run(args) -> int:

@@ -38,6 +38,16 @@ def one_line_os_errors(work):
     return wrapped
 
 
+def check_outputs(**paths) -> None:
+    """Refuse an output path that is a folder before any work (the atomic writer's message would name its
+    temporary file): ``check_outputs(out=args.out, plot=args.plot)``; None is skipped."""
+    from pathlib import Path
+
+    for option, path in paths.items():
+        if path is not None and Path(path).is_dir():
+            raise ValueError(f"--{option.replace('_', '-')} {path} is a folder: give a file name")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from spectra.autocorrelation import QUANTUM_CORRECTIONS, WINDOWS, SpectrumOptions
     from spectra.constants import DIPOLE_UNIT_TO_EA
@@ -100,6 +110,7 @@ def run(args) -> int:
     from spectra.io import read_dipoles
     from spectra.spectrum import write_spectrum_csv
 
+    check_outputs(out=args.out, plot=args.plot)
     options = SpectrumOptions(depth_fs=args.depth_fs, discard_ps=args.discard_ps, window=args.window,
                               zero_padding=args.zero_padding, quantum_correction=args.quantum_correction)
     options.check()

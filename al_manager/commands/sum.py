@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from al_manager.commands.spectrum import one_line_os_errors
+from al_manager.commands.spectrum import check_outputs, one_line_os_errors
 
 DESCRIPTION = __doc__.split("\n\n")[0].split(": ", 1)[1]
 
@@ -79,6 +79,7 @@ def run(args) -> int:
     from spectra.spectrum import read_spectrum, write_spectrum_csv
     from spectra.sums import size_weights, weighted_sum, write_absorption_table
 
+    check_outputs(out=args.out, csv=args.csv, plot=args.plot)
     n = len(args.spectra)
     masses = _masses(args, n)
     weights = size_weights(args.weights, n, args.distribution, masses)

@@ -81,7 +81,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from al_manager.settings import ConfigError, Where, build, check_keys, convert, read_toml, suggest, table_of, type_name
+from al_manager.settings import (ConfigError, Where, build, check_keys, convert, read_toml, suggest, table_of,
+                                 temperatures as temperature_list, type_name)
 
 from .initial_data import InitialDataSettings
 from .sampling import SamplingSettings
@@ -228,14 +229,7 @@ def parse_config(data: dict, base_dir: str | Path = ".", source: Path | None = N
     seed = convert(data.get("seed", 0), int, "seed", where)
     if not 0 <= seed < 2**31:
         where.fail("seed", f"must be in [0, 2^31), got {seed}")
-    temperatures = convert(data.get("temperatures", DEFAULT_TEMPERATURES), list[float], "temperatures", where)
-    if not temperatures:
-        where.fail("temperatures", "needs at least one temperature (K)")
-    for k, t in enumerate(temperatures):
-        if not t > 0:
-            where.fail(f"temperatures[{k}]", f"{t:g} K: temperatures must be > 0 K")
-    if len(set(temperatures)) != len(temperatures):
-        where.fail("temperatures", f"repeated temperature in {temperatures}")
+    temps = temperature_list(data.get("temperatures", DEFAULT_TEMPERATURES), "temperatures", where)
     workdir = (base_dir / convert(data.get("workdir", "al_run"), Path, "workdir", where)).resolve()
 
     # sections: the objects their consumers take
@@ -254,7 +248,7 @@ def parse_config(data: dict, base_dir: str | Path = ".", source: Path | None = N
                                          f"([train] committee + dipole_members): ranks split the members, "
                                          f"so at most {members}")
     structures = _structures(data.get("structures"), base_dir, model.species, where)
-    return ALConfig(structures=structures, workdir=workdir, temperatures=[float(t) for t in temperatures],
+    return ALConfig(structures=structures, workdir=workdir, temperatures=temps,
                     seed=seed, reference=reference, sampling=sampling, stopping=stopping,
                     initial_data=initial_data, train=train, source=source)
 
@@ -303,12 +297,12 @@ def _structures(value, base_dir: Path, species, where: Where) -> list[StructureE
         path = (base_dir / Path(file).expanduser()).resolve()
         if not path.is_file():
             where.fail(key, f"structure file {path} does not exist")
-        try:
-            from ase.io import read
+        from ipi_inputs.files import read_cluster
 
-            atoms = read(str(path), index=0)
-        except Exception as exc:
-            where.fail(key, f"cannot read {path}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+        try:
+            atoms = read_cluster(path)   # our own words for a malformed xyz (file, line, frame)
+        except (ValueError, OSError) as exc:
+            where.fail(key, " ".join(str(exc).split())[:300])
         if len(atoms) < 2:
             where.fail(key, f"{path} holds {len(atoms)} atom(s): a cluster needs at least 2")
         foreign = sorted(set(atoms.get_chemical_symbols()) - set(species))

@@ -24,7 +24,7 @@ import numpy as np
 from ase import Atoms
 
 from spectra.atomic import write_json, write_text
-from spectra.harmonic import real_wavenumbers, vibrational
+from spectra.harmonic import harmonic_from_derivatives, vibrational
 
 def clear_interrupted_cache(folder: str | os.PathLike) -> int:
     """Remove the entries of an ASE vibrations cache that a killed run left unfinished. ASE creates a
@@ -149,7 +149,6 @@ def committee_frequencies(calc, start: Atoms, fmax: float = 1e-3, steps: int = 3
     """Relax ``start`` on the committee surface (``calc``: a NanosilCalculator) and return its 3N
     frequencies (cm^-1, ascending, imaginary negative) and a small note (converged, steps, rmsd Å)."""
     from ase.optimize import BFGS
-    from ase.vibrations import VibrationsData
 
     atoms = Atoms(numbers=start.numbers, positions=start.positions)
     atoms.calc = calc
@@ -160,9 +159,7 @@ def committee_frequencies(calc, start: Atoms, fmax: float = 1e-3, steps: int = 3
         return np.full(3 * len(atoms), np.nan), {"converged": False, "error": str(exc)[:200]}
     if not np.all(np.isfinite(atoms.positions)):
         return np.full(3 * len(atoms), np.nan), {"converged": False, "error": "non-finite positions"}
-    hessian = calc.hessian(atoms)
-    hessian = 0.5 * (hessian + hessian.T)
-    freqs = real_wavenumbers(VibrationsData.from_2d(atoms, hessian).get_frequencies())
+    freqs = harmonic_from_derivatives(atoms.get_masses(), calc.hessian(atoms), None).frequencies
     rmsd = float(np.sqrt(np.mean(np.sum((atoms.positions - start.positions) ** 2, axis=1))))
     return np.sort(freqs), {"converged": converged, "steps": int(opt.nsteps), "rmsd_A": rmsd}
 

@@ -12,8 +12,6 @@ import csv
 import io
 import math
 import os
-import tempfile
-from pathlib import Path
 
 COLUMNS = ("iteration", "labels", "new_labels", "failed_labels", "flagged_frames", "runs", "runs_done",
            "runs_crashed", "runs_exploded", "md_ps", "harmonic_mae_cm-1", "harmonic_rmse_cm-1",
@@ -90,16 +88,12 @@ def plot_learning_curve(path: str | os.PathLike, rows: list[dict], title: str = 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    from spectra.atomic import write_with
+
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        write_with(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), suffix=".png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _num(value) -> float:
