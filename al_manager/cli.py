@@ -23,6 +23,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "spectrum": ("al_manager.commands.spectrum", "MD IR spectrum (CSV + PNG) from dipole files or i-PI extras"),
     "compare": ("al_manager.commands.compare", "compare two spectra or harmonic sets: MAE/RMSE table, JSON, overlay PNG"),
     "sum": ("al_manager.commands.sum", "sum spectra over cluster sizes: absorption table, cross-section, kappa"),
+    "transferability": ("al_manager.commands.transferability",
+                        "a committee on structures it was not trained on: errors, isomer energies, harmonic IR, SOAP map"),
 }
 
 

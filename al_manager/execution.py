@@ -394,8 +394,10 @@ def parsl_config(settings: ExecutionSettings, run_dir: str | Path = "runinfo", *
                              init_blocks=0, gpus_per_node=tr.gpus_per_node)
         executors.append(_htex(settings, "training", provider, workers_per_node=tr.workers_per_node,
                                cores_per_worker=1, accelerators=tr.gpus_per_node))
+    # strategy_period: the first block goes out 1 s after the start (scheduler queries keep their own
+    # providers' polling intervals)
     return Config(executors=executors, retries=settings.retries, run_dir=str(run_dir), strategy="simple",
-                  max_idletime=settings.max_idletime, usage_tracking=0)
+                  strategy_period=1, max_idletime=settings.max_idletime, usage_tracking=0)
 
 
 # ---------------------------------------------------------------------- the executor adapter
@@ -403,7 +405,8 @@ class ParslExecutor(cf.Executor):
     """A :class:`concurrent.futures.Executor` that runs plain functions on one executor (stage) of a Parsl
     DataFlowKernel; its futures are Parsl AppFutures (concurrent.futures.Future subclasses, so
     ``concurrent.futures.wait`` works). Parsl cannot cancel a running task: ``cancel_futures`` only drops
-    results. With ``owned``, :meth:`shutdown` also ends the DataFlowKernel (interchange and worker pools).
+    results. With ``owned``, :meth:`shutdown` ends the DataFlowKernel (interchange and worker pools); without
+    (a :func:`session`'s), it does nothing.
 
     ``retried``: tasks of this executor that needed more than one try (a worker died, a node was lost)."""
 
@@ -447,8 +450,13 @@ class ParslExecutor(cf.Executor):
                 self.retried += 1
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Owned: end the DataFlowKernel (after its tasks, with ``wait`` and not ``cancel_futures``). A
+        session's executor is not ended here (label_structures shuts down what it used): the session owns
+        it, and the next call uses it again."""
+        if not self._owned:
+            return
         dfk, self._dfk = self._dfk, None
-        if dfk is None or not self._owned:
+        if dfk is None:
             return
         try:
             if wait and not cancel_futures:

@@ -2,7 +2,7 @@
 
     mpirun -n K nanosil-driver --models MODELS_DIR --structure CLUSTER.xyz (--unix NAME | --inet HOST:PORT)
         [--flag-endpoint tcp://127.0.0.1:5555] [--energy-threshold X | --force-threshold Y] [--trust-cap Z]
-        [--run-id ID] [--threads 1]
+        [--run-id ID] [--threads 1] [--dipole-every K] [--step-offset S]
 
 Also works without mpirun (one rank). Rank 0 speaks the i-PI protocol (:mod:`driver.ipi.client`),
 broadcasts positions and reduces the members' outputs (:mod:`driver.ipi.mpi_committee`); the reply and the
@@ -78,6 +78,13 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
                         help="torch threads per rank (default 1: ranks x threads should not exceed the cores)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="model precision (default float32)")
+    parser.add_argument("--dipole-every", type=int, default=1, metavar="K",
+                        help="compute the dipole model only on MD steps that are multiples of K (default 1: every "
+                             "step); other steps carry the last dipole in the extras. Give i-PI's dipole "
+                             "trajectories stride K (or a multiple of it): only those steps are then written")
+    parser.add_argument("--step-offset", type=int, default=0, metavar="S",
+                        help="MD step of i-PI's first request, for a run restarted from a checkpoint at step S "
+                             "(default 0); it places the dipole steps of --dipole-every")
     parser.add_argument("--log-every", type=int, default=1000,
                         help="print a progress line every this many steps (0: never)")
     return parser
@@ -91,6 +98,10 @@ def _setup(args):
 
     if args.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    if args.dipole_every < 1:
+        raise UsageError(f"--dipole-every must be at least 1, got {args.dipole_every}")
+    if args.step_offset < 0:
+        raise UsageError(f"--step-offset must be >= 0, got {args.step_offset}")
     if not os.path.isdir(args.models):
         raise UsageError(f"model folder {args.models} does not exist")
     atoms = read_cluster(args.structure)
@@ -147,9 +158,11 @@ def _lead(args, mpi, committee, atoms, config, address, say) -> int:
         except Exception as exc:  # zmq.ZMQError for an endpoint ZMQ cannot use
             say(f"error: flag endpoint {config.endpoint}: {exc}")
             return 2
-        pes = NanosilDriver.from_predictor(mpi.predict, atoms.numbers, flagger, source=args.structure)
+        pes = NanosilDriver.from_predictor(mpi.predict, atoms.numbers, flagger, source=args.structure,
+                                           dipole_every=args.dipole_every, step_offset=args.step_offset)
+        dipole_note = f"; dipole every {args.dipole_every} steps" if args.dipole_every > 1 else ""
         say(f"model {committee.version}: {committee.n_energy_members} energy + {committee.n_dipole_members} "
-            f"dipole members on {mpi.size} rank(s) x {args.threads} thread(s); {len(atoms)} atoms "
+            f"dipole members{dipole_note} on {mpi.size} rank(s) x {args.threads} thread(s); {len(atoms)} atoms "
             f"({atoms.get_chemical_formula()}) from {args.structure}; {config.describe()}; run id {config.run_id}")
         try:
             sock = connect(address.mode, address.address, address.port, args.sockets_prefix, args.connect_timeout)
@@ -162,7 +175,7 @@ def _lead(args, mpi, committee, atoms, config, address, say) -> int:
 
         def compute(cell, pos):
             reply = pes.compute_structure(cell, pos)
-            n = pes.step
+            n = pes.requests
             if n == 1:  # i-PI's initial evaluation (and torch's warm-up) is not an MD step
                 clock["first"] = time.perf_counter()
             if args.log_every and n % args.log_every == 0:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DEFAULT_SEED, Frame, read_frames, split_train_validation
+from .data import DEFAULT_SEED, Frame, read_frames, split_train_validation, structure_hash
 from .models.committee import (Committee, ModelConfig, _dipole_model, _energy_model, load_committee,
                                save_committee)
 from .models.energy_model import EnergyModel
@@ -540,6 +540,9 @@ def train_committee(data, out_dir, cfg: TrainConfig | None = None) -> Committee:
         "members": [{k: r[k] for k in ("kind", "member", "best_val", "best_epoch", "epochs_run", "seconds")}
                     for r in results],
         "errors": {"train": error_table(committee, train_frames), "validation": error_table(committee, val_frames)},
+        # what it has seen, without the method (the same geometry labelled otherwise is still seen): `nanosil
+        # evaluate` warns when a test frame is among them
+        "structure_hashes": sorted({structure_hash(f.numbers, f.positions)[:16] for f in train_frames + val_frames}),
     }
     committee.version = f"{Path(out_dir).name}"
     save_committee(committee, out_dir)

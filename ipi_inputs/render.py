@@ -110,7 +110,7 @@ def render_input(template: str, workdir: str | os.PathLike, *, socket: "str | So
                  checkpoint: str | os.PathLike | None = None, prefix: str = "simulation",
                  velocities: str = "auto", box: float | None = None, timeout: float = DEFAULT_TIMEOUT,
                  timestep_fs: float = TIMESTEP_FS, checkpoint_steps: int | None = None, dipole_flush: int = 100,
-                 latency_s: float = IPI_LATENCY_S) -> Path:
+                 latency_s: float = IPI_LATENCY_S, dipole_stride: int = 1) -> Path:
     """Write ``<workdir>/<prefix>.xml`` from template ``al_sampling`` | ``production_nvt`` | ``production_nve``.
 
     - ``socket``: see :meth:`SocketAddress.parse` (``unix:NAME`` or ``HOST:PORT``).
@@ -122,7 +122,9 @@ def render_input(template: str, workdir: str | os.PathLike, *, socket: "str | So
     - ``checkpoint`` (``production_nve``): an i-PI checkpoint of an equilibrated run.
     - ``steps``, ``seed``, ``prefix`` (output files ``<prefix>.out`` ...), ``timeout`` (s, hung driver).
     - ``timestep_fs``; ``checkpoint_steps`` (default per template, :data:`CHECKPOINT_STEPS`); ``dipole_flush``
-      (steps between flushes of the dipole file: 1 keeps it never behind a checkpoint, for resuming);
+      (written frames between flushes of the dipole files: 1 keeps them never behind a checkpoint, for
+      resuming); ``dipole_stride`` (production templates): the dipole and per-member dipole trajectories are
+      written every this many steps (labels 0, K, 2K, ...); run the driver with ``--dipole-every`` K;
       ``latency_s``: i-PI's force-field thread sleeps this long between polls, also while the integrator
       works: at i-PI's 1e-4 s, many i-PI processes waiting on one batched driver wake 10^4 times a second each.
     """
@@ -142,7 +144,8 @@ def render_input(template: str, workdir: str | os.PathLike, *, socket: "str | So
     if template == "al_sampling" and steps * timestep_fs > AL_MAX_PS * 1000 * (1 + 1e-9):
         raise ValueError(f"al_sampling runs at most {AL_MAX_PS:g} ps, got {steps} steps of {timestep_fs:g} fs")
     checkpoint_steps = CHECKPOINT_STEPS[template] if checkpoint_steps is None else checkpoint_steps
-    for name, value in (("checkpoint_steps", checkpoint_steps), ("dipole_flush", dipole_flush)):
+    for name, value in (("checkpoint_steps", checkpoint_steps), ("dipole_flush", dipole_flush),
+                        ("dipole_stride", dipole_stride)):
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not latency_s > 0:
@@ -156,6 +159,7 @@ def render_input(template: str, workdir: str | os.PathLike, *, socket: "str | So
               "SOCKET_MODE": address.mode, "ADDRESS": address.address, "PORT": str(address.port),
               "TIMEOUT": f"{float(timeout):g}", "TIMESTEP": repr(float(timestep_fs)),
               "CHECKPOINT_STRIDE": str(int(checkpoint_steps)), "DIPOLE_FLUSH": str(int(dipole_flush)),
+              "DIPOLE_STRIDE": str(int(dipole_stride)),
               "LATENCY": repr(float(latency_s))}
     note = ""
     if template == "production_nve":

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from al_manager.execution import build_execution
 from al_manager.settings import Where, build, check_keys, convert, read_toml, table_of, temperatures
 
 COMPOSITIONS = {"pyroxene": {"Mg": 1, "Si": 1, "O": 3}, "olivine": {"Mg": 2, "Si": 1, "O": 4}}
@@ -223,7 +224,8 @@ def composition_of(cluster: ClusterSpec, atoms=None) -> tuple[str, int]:
 
 
 # ---------------------------------------------------------------------- loading
-_TOP = ("models", "output", "temperatures", "seeds", "ensemble", "md", "run", "trust", "spectra", "clusters")
+_TOP = ("models", "output", "temperatures", "seeds", "ensemble", "md", "run", "trust", "spectra", "clusters",
+        "execution")
 _RENAMED = {"trust.cap": "trust.trust_cap"}
 
 
@@ -270,7 +272,7 @@ def config_from_dict(data: dict, base: Path, source: Path | None = None, check_f
     run = build(RunSettings, table_of(data, "run", where), "run", where)
     cores = os.cpu_count() or 1
     if run.drivers == "auto":
-        # one driver per core, each with >= 4 trajectories to batch: measured best on 2 cores (2 x 4 for P2x8)
+        # one driver per core, each with >= 4 trajectories to batch (bench/campaign_throughput.py)
         run = replace(run, drivers=max(1, min(cores // run.threads, run.workers // 4)))
     if run.drivers * run.threads > cores:
         where.fail("run", f"drivers x threads = {run.drivers * run.threads} torch threads would "
@@ -278,6 +280,10 @@ def config_from_dict(data: dict, base: Path, source: Path | None = None, check_f
     if run.drivers > run.workers:
         where.fail("run.drivers", f"({run.drivers}) must not exceed run.workers ({run.workers})")
     trust = build(TrustSettings, table_of(data, "trust", where), "trust", where)
+    execution = build_execution(table_of(data, "execution", where), where)
+    if execution.uses_parsl:  # the same section as the AL's; trajectories as Parsl tasks are not built yet
+        where.fail("execution.mode", 'campaigns run on this machine only for now (mode = "local"); '
+                                     'active learning takes mode = "parsl"')
     spectra = build(SpectraSettings, table_of(data, "spectra", where), "spectra", where)
     usable_fs = (md.production_ps - md.discard_ps) * 1000.0
     if spectra.correlation_depth_fs + 2 * md.timestep_fs > usable_fs:

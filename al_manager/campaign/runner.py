@@ -1,16 +1,13 @@
 """Running a campaign's trajectories: one i-PI per trajectory, a few batched drivers serving all of them.
 
-Design (measured with ``bench/campaign_throughput.py`` on 2 cores, default model sizes): one i-PI step of
-a small cluster costs i-PI ~3 ms of Python CPU, one committee evaluation of P2 ~8 ms alone but ~3 ms per
-structure in a pass of 8, and one-by-one (i-PI + ``nanosil-driver``) uses one core at a time because i-PI
-and its driver take turns (12 ms CPU per step). So every trajectory gets its own i-PI process
-(``OMP_NUM_THREADS=1``) and ``run.drivers`` batch servers (:mod:`driver.ipi.batch_server`, ``run.threads``
-torch threads each; default one per core with >= 4 trajectories each) evaluate whatever structures are
-waiting in one pass, while the other core runs i-PI steps and the other driver. For 8 P2 trajectories:
-one-by-one 79 steps/s, one driver 213 (2.7x), two drivers 284 (3.6x; 6.6 ms CPU per step); for P1-P5,
-O1-O5 (sizes 5-35) 60, 102 and 121 steps/s (2.0x: batching mixed sizes saves less model time). Two torch
-threads in one driver were many times slower than one on the shared 2-core machine, so parallelism
-comes from processes. ``run.workers`` trajectories run at once; the queue is sorted by cluster size and
+Design (the figures are in ``bench/campaign_throughput.py``'s output): an i-PI step costs i-PI a few ms of
+Python CPU, and one-by-one (i-PI + ``nanosil-driver``) uses one core at a time because i-PI and its driver
+take turns; a committee pass over several waiting structures costs far less per structure than one call
+each. So every trajectory gets its own i-PI process (``OMP_NUM_THREADS=1``) and ``run.drivers`` batch
+servers (:mod:`driver.ipi.batch_server`, ``run.threads`` torch threads each; default one per core with
+>= 4 trajectories each) evaluate whatever structures are waiting in one pass, while the other cores run
+i-PI steps and the other drivers. Parallelism comes from processes, not torch threads (on a shared
+machine extra threads oversubscribe the cores). ``run.workers`` trajectories run at once; the queue is sorted by cluster size and
 each new trajectory goes to the driver whose trajectories are closest in size, so passes need little
 padding (:func:`driver.ipi.batch_server.partition_by_size` splits what padding would make too costly).
 

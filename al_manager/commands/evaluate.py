@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 ROWS = [("energy per atom (meV)", "energy_mae_meV_per_atom", "energy_rmse_meV_per_atom"),
         ("forces (eV/Å)", "force_mae_eV_per_A", "force_rmse_eV_per_A"),
@@ -75,5 +73,7 @@ def run(args) -> int:
     tables["test"] = error_table(committee, frames)
     print_table(tables)
     if args.json:
-        Path(args.json).write_text(json.dumps(tables, indent=2))
+        from spectra.atomic import write_json
+
+        write_json(args.json, tables, indent=2)
     return 0

@@ -19,8 +19,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--db", required=True, metavar="DATA.db", help="the dataset (ASE SQLite; created when missing)")
     parser.add_argument("--index", default=":", help="frames to label, ASE index syntax (default ':' = all)")
     parser.add_argument("--workers", type=int, default=None, help="parallel workers (default: cores // threads)")
-    parser.add_argument("--executor", choices=("process", "mpi", "serial"), default="process",
-                        help="local process pool (default), mpi4py.futures pool (under mpiexec), or in-process")
+    parser.add_argument("--executor", choices=("process", "mpi", "serial", "parsl"), default="process",
+                        help="local process pool (default), mpi4py.futures pool (under mpiexec), in-process, or a "
+                             "local Parsl HighThroughputExecutor (pip install nanosil[hpc])")
     parser.add_argument("--cluster", default=None, help="cluster name stored with every label "
                         "(default: the frame's info['cluster'], else the file name)")
     parser.add_argument("--origin", default="import", help="origin stored with every label (default: import)")

@@ -81,6 +81,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from al_manager.execution import ExecutionSettings, build_execution
 from al_manager.settings import (ConfigError, Where, build, check_keys, convert, read_toml, suggest, table_of,
                                  temperatures as temperature_list, type_name)
 
@@ -149,6 +150,7 @@ class ALConfig:
     stopping: StoppingRule = field(default_factory=StoppingRule)
     initial_data: InitialDataSettings = field(default_factory=InitialDataSettings)
     train: "TrainConfig" = field(default_factory=_default_train)
+    execution: ExecutionSettings = field(default_factory=ExecutionSettings)   # where the work runs
     source: Path | None = None    # the TOML file
 
     @property
@@ -190,7 +192,7 @@ _SET_ELSEWHERE = {
 }
 
 _TOP_KEYS = ("workdir", "temperatures", "seed", "structures", "reference", "sampling", "stopping",
-             "initial_data", "train")
+             "initial_data", "train", "execution")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -240,6 +242,7 @@ def parse_config(data: dict, base_dir: str | Path = ".", source: Path | None = N
     initial_data = build(InitialDataSettings, table_of(data, "initial_data", where), "initial_data", where)
     train = build(TrainConfig, table_of(data, "train", where), "train", where, exclude=("warm_start",))
     model = build(ModelConfig, train.model, "train.model", where)
+    execution = build_execution(table_of(data, "execution", where), where)
 
     _check_reference(reference, where)
     members = train.committee + train.dipole_members
@@ -250,7 +253,7 @@ def parse_config(data: dict, base_dir: str | Path = ".", source: Path | None = N
     structures = _structures(data.get("structures"), base_dir, model.species, where)
     return ALConfig(structures=structures, workdir=workdir, temperatures=temps,
                     seed=seed, reference=reference, sampling=sampling, stopping=stopping,
-                    initial_data=initial_data, train=train, source=source)
+                    initial_data=initial_data, train=train, execution=execution, source=source)
 
 
 def _check_reference(ref: ReferenceSettings, where: Where) -> None:

@@ -405,12 +405,13 @@ class Manager:
             if atoms.info.get("temperature") is not None:
                 meta["temperature"] = float(atoms.info["temperature"])
             metadata.append(meta)
+        from al_manager.execution import labelling_arguments
+
         ref = self.config.reference
         t0 = time.time()
-        report = label_structures(frames, ref.backend, self.db, workers=ref.workers,
-                                  backend_options=ref.options or None, metadata=metadata,
-                                  executor="serial" if ref.workers == 1 else "process", source=source,
-                                  progress=False)
+        placement = labelling_arguments(self.config.execution, ref.backend, ref.workers, ref.options or None)
+        report = label_structures(frames, ref.backend, self.db, metadata=metadata, source=source, progress=False,
+                                  **placement)
         self.log(f"{source}: labelled {len(frames)} frame(s) with {ref.backend}: {report.summary()}; "
                  f"{self.n_labels()} labels in {self.db.name} [{time.time() - t0:.0f} s]")
         for failure in report.failures[:5]:
@@ -480,9 +481,14 @@ def run_loop(config: "ALConfig", *, init_only: bool = False, make_initial: Calla
         if "started_iteration" not in state.data:
             state["started_iteration"] = time.time()
         manager = Manager(config, state, log, make_initial=make_initial)
+        from al_manager.execution import session
+
         with _owner_tag(state.token), _signals_raise():
             try:
-                return manager.run(init_only=init_only)
+                # labels go where [execution] says (local pool by default; Parsl workers on a cluster), the
+                # manager alone writes them; the session's workers carry the owner tag, like every child
+                with session(config.execution, workdir / "parsl"):
+                    return manager.run(init_only=init_only)
             except Interrupted as exc:
                 log(f"interrupted by {exc} during {state.phase} (iteration {state.iteration}); rerun the same "
                     f"command to resume")

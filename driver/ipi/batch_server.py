@@ -2,6 +2,7 @@
 
     nanosil-batch-driver --models MODELS_DIR --target NAME=CLUSTER.xyz [--target ...]
         [--log-dir DIR] [--trust-cap 1.0 --trust-measure force] [--fragment-distance 4.0] [--threads 1]
+        [--dipole-every K]
     nanosil-batch-driver --models MODELS_DIR --control -      # targets arrive as JSON lines on stdin
 
 i-PI is the server of its socket protocol, so this process is the *client* of N i-PI servers (one per
@@ -11,7 +12,13 @@ every queued structure (after waiting briefly for the other trajectories, see ``
 groups of similar size (padding a 5-atom cluster to 35 atoms would cost more than it saves; see
 :func:`partition_by_size`) and evaluates each group with one :meth:`Committee.predict_batch` call. Replies
 are exactly those of ``nanosil-driver`` (:func:`driver.ipi.pes.ipi_reply`): energy, forces, zero virial and the
-extras JSON (dipole in e·Bohr, energy_std_per_atom, max_force_std, dipole_std, uncertain, exploded).
+extras JSON (dipole and dipole_members in e·Bohr, energy_std_per_atom, max_force_std, dipole_std, uncertain,
+exploded).
+
+Dipole every K MD steps (``--dipole-every``, or ``dipole_every`` in a control message): structures on other
+steps skip the dipole model (a pass computes it only for the structures that need it), and their extras
+carry the trajectory's last computed dipole; i-PI's dipole trajectories must have stride K (or a multiple),
+so only computed dipoles are written (the step numbering is explained in :mod:`driver.ipi.pes`).
 
 Trusted region (per trajectory): when the committee disagreement reaches ``--trust-cap`` (max force std in
 eV/Å, or energy std per atom in eV/atom with ``--trust-measure energy``), or when the cluster falls apart
@@ -21,14 +28,16 @@ reported on stdout.
 
 Per trajectory, ``<log>`` (``--log-dir``/NAME.uncertainty.csv, or the ``log`` of a control message) records
 the disagreement of every step: ``step,energy_std_per_atom_eV,max_force_std_eV_per_A,dipole_std_eA``
-(step = MD step: the request index plus ``step_offset``, 0 = i-PI's first configuration); a stopped
+(step = MD step: the request index plus ``step_offset``, 0 = i-PI's first configuration; ``dipole_std`` is
+empty on steps without a dipole); a stopped
 trajectory also gets ``<log>.stop.json`` with the reason.
 
 Machine-readable events go to stdout, one JSON object per line (``event`` = ``connected``, ``finished``,
 ``stopped``, ``disconnected``, ``error``, ``progress``, ``idle``); human messages go to stderr.
 
 Control messages (``--control -``), one JSON object per line: ``{"add": {"id": ..., "socket": "unix:NAME",
-"structure": PATH, "log": PATH, "step_offset": 0}}`` and ``{"shutdown": true}``. End of input also shuts
+"structure": PATH, "log": PATH, "step_offset": 0, "dipole_every": K}}`` (``dipole_every`` optional: default
+``--dipole-every``) and ``{"shutdown": true}``. End of input also shuts
 the server down (the campaign that started it is gone): open connections are closed, so their i-PI
 servers write checkpoints and stop.
 
@@ -156,6 +165,7 @@ class Target:
     step_offset: int = 0             # MD step of i-PI's first request (a restart from a checkpoint)
     sockets_prefix: str = SOCKETS_PREFIX
     connect_timeout: float = 120.0
+    dipole_every: int | None = None  # dipole on MD steps that are multiples of this (None: the server's default)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Target":
@@ -166,6 +176,12 @@ class Target:
         missing = [k for k in ("id", "socket", "structure") if k not in data]
         if missing:
             raise ValueError(f"target needs {', '.join(missing)}")
+        for key in ("step_offset", "dipole_every"):
+            value = data.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < (1 if key == "dipole_every" else 0)):
+                raise ValueError(f"target {key} must be an integer >= {1 if key == 'dipole_every' else 0}, "
+                                 f"got {value!r}")
         return cls(**data)
 
 
@@ -181,10 +197,13 @@ class _Request:
 
 
 class _Connection:
-    def __init__(self, target: Target, numbers: np.ndarray, flagger=None):
+    def __init__(self, target: Target, numbers: np.ndarray, flagger=None, dipole_every: int = 1):
+        from driver.ipi.pes import DipoleSchedule
+
         self.target = target
         self.numbers = numbers
         self.flagger = flagger
+        self.dipoles = DipoleSchedule(target.dipole_every or dipole_every)
         self.requests = 0
         self.serving = False         # connected and answering: the batcher waits for it when gathering
         self.client = None
@@ -221,8 +240,11 @@ class BatchServer:
     """Serves many i-PI connections with one committee. ``emit(dict)`` receives the events."""
 
     def __init__(self, committee, trust: TrustRegion | None = None, flag_config=None, gather_s: float = 0.02,
-                 emit=None, say=None, progress_every: float = 2.0):
+                 emit=None, say=None, progress_every: float = 2.0, dipole_every: int = 1):
+        if int(dipole_every) < 1:
+            raise ValueError(f"dipole_every must be >= 1, got {dipole_every}")
         self.committee = committee
+        self.dipole_every = int(dipole_every)
         self.trust = trust or TrustRegion()
         self.flag_config = flag_config
         self.gather_s = gather_s
@@ -258,7 +280,7 @@ class BatchServer:
                 raise ValueError(f"target {target.id!r} is already being served")
             if self._stopping:
                 raise RuntimeError("the server is shutting down")
-            conn = _Connection(target, np.asarray(atoms.numbers), flagger)
+            conn = _Connection(target, np.asarray(atoms.numbers), flagger, self.dipole_every)
             self._connections[target.id] = conn
             self._added += 1
         thread = threading.Thread(target=self._serve, args=(conn,), name=f"ipi-{target.id}", daemon=True)
@@ -387,16 +409,17 @@ class BatchServer:
         start = time.perf_counter()
         for group in partition_by_size([len(r.positions) for r in batch]):
             requests = [batch[i] for i in group]
+            due = [r.connection.dipoles.due(r.step) for r in requests]
             try:
                 predictions = self.committee.predict_batch([r.connection.numbers for r in requests],
-                                                           [r.positions for r in requests])
+                                                           [r.positions for r in requests], dipoles=due)
             except Exception as exc:  # a model failure ends these trajectories, not the server
                 for r in requests:
                     r.error = RuntimeError(f"model evaluation failed: {exc}")
                     r.done.set()
                 continue
             self.calls += 1
-            for r, p in zip(requests, predictions):
+            for r, p, computed in zip(requests, predictions, due):
                 conn = r.connection
                 try:
                     conn.log(r.step, p)
@@ -408,7 +431,7 @@ class BatchServer:
                     if conn.flagger is not None:
                         decision = conn.flagger.process(r.step, r.positions, p.energy, p.energy_std_per_atom,
                                                         p.max_force_std, p.dipole_std)
-                    r.reply = ipi_reply(p, decision)
+                    r.reply = ipi_reply(p, decision, conn.dipoles.sample(p, r.step, computed))
                 except Exception as exc:
                     r.error = RuntimeError(f"cannot answer step {r.step}: {exc}")
                 finally:
@@ -461,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     flags.add_argument("--force-threshold", type=float, metavar="EV_PER_A")
     flags.add_argument("--flag-endpoint", metavar="ZMQ_ENDPOINT")
     flags.add_argument("--flag-file", default="flagged.extxyz")
+    parser.add_argument("--dipole-every", type=int, default=1, metavar="K",
+                        help="compute the dipole model only on MD steps that are multiples of K (default 1); "
+                             "other steps carry the last dipole. i-PI's dipole trajectories need stride K")
     parser.add_argument("--gather-ms", type=float, default=20.0,
                         help="wait at most this long for the other trajectories before a pass (default 20)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -541,20 +567,22 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--control takes '-' (stdin), got {args.control!r}")
         if not args.gather_ms >= 0:
             raise UsageError(f"--gather-ms must be >= 0, got {args.gather_ms}")
+        if args.dipole_every < 1:
+            raise UsageError(f"--dipole-every must be at least 1, got {args.dipole_every}")
         trust = TrustRegion(trust_cap=args.trust_cap, measure=args.trust_measure, fragment_distance=args.fragment_distance)
         flag_config = FlagConfig(energy_threshold=args.energy_threshold, force_threshold=args.force_threshold,
                                  endpoint=args.flag_endpoint, flag_file=args.flag_file,
                                  run_id="batch")
         committee = load_committee(args.models, dtype=getattr(torch, args.dtype))
         server = BatchServer(committee, trust, flag_config, gather_s=args.gather_ms / 1000.0, emit=_emitter(),
-                             say=say, progress_every=args.progress_every)
+                             say=say, progress_every=args.progress_every, dipole_every=args.dipole_every)
         for target in targets:
             server.add(target)
     except (UsageError, ValueError, FileNotFoundError) as exc:
         say(f"error: {exc}")
         return 2
     say(f"model {committee.version}: {committee.n_energy_members} energy + {committee.n_dipole_members} dipole "
-        f"members, {args.threads} torch thread(s); {len(targets)} target(s)"
+        f"members (dipole every {args.dipole_every} step(s)), {args.threads} torch thread(s); {len(targets)} target(s)"
         f"{', more from stdin' if args.control == '-' else ''}")
     if args.control == "-":
         threading.Thread(target=_control_loop, args=(server, args, say), daemon=True).start()

@@ -6,7 +6,8 @@ in rank order restores the committee's own member order and the reduction is the
 With one rank (no mpirun) the same code runs without any communication partner.
 
 Work loop: ranks > 0 call :meth:`MPICommittee.serve` and block until rank 0 calls :meth:`predict`
-(one structure) or :meth:`stop`. All buffers are numpy arrays (no pickling between ranks).
+(one structure, with or without the dipole members) or :meth:`stop`. All buffers are numpy arrays (no
+pickling between ranks); a step without dipoles sends zeros in their place, so every record keeps its size.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from driver.models.committee import Committee, CommitteePrediction, MemberOutputs
 
-_STOP, _EVAL = 0, 1
+_STOP, _EVAL, _EVAL_NO_DIPOLE = 0, 1, 2
 
 
 def split_members(n_energy: int, n_dipole: int, n_ranks: int) -> list[tuple[list[int], list[int]]]:
@@ -58,12 +59,13 @@ class MPICommittee:
                          for r, (e, d) in enumerate(self.shares))
 
     # ------------------------------------------------------------------ all ranks
-    def _evaluate_share(self) -> np.ndarray:
+    def _evaluate_share(self, dipoles: bool = True) -> np.ndarray:
         if self.part is None:
             return np.zeros(0)
-        out = self.part.member_outputs(self.numbers, self._positions)
+        out = self.part.member_outputs(self.numbers, self._positions, dipoles=dipoles)
         forces = out.forces if out.forces is not None else np.zeros((0, self.n_atoms, 3))
-        return np.concatenate([out.energies.ravel(), forces.ravel(), out.dipoles.ravel()]).astype(np.float64)
+        mu = out.dipoles if dipoles else np.zeros((self.part.n_dipole_members, 3))
+        return np.concatenate([out.energies.ravel(), forces.ravel(), mu.ravel()]).astype(np.float64)
 
     def _gather(self, record: np.ndarray) -> np.ndarray | None:
         if self.size == 1:
@@ -74,28 +76,29 @@ class MPICommittee:
         return received
 
     # ------------------------------------------------------------------ rank 0
-    def predict(self, positions: np.ndarray) -> CommitteePrediction:
-        """Committee prediction at ``positions`` (N, 3) Å, with the members of all ranks (rank 0 only)."""
+    def predict(self, positions: np.ndarray, dipoles: bool = True) -> CommitteePrediction:
+        """Committee prediction at ``positions`` (N, 3) Å, with the members of all ranks (rank 0 only);
+        ``dipoles=False`` skips the dipole members (the prediction has no dipole), as ``Committee.predict``."""
         if not self.is_leader:
             raise RuntimeError("predict() runs on rank 0; other ranks call serve()")
         positions = np.asarray(positions, dtype=np.float64)
         if positions.shape != (self.n_atoms, 3):
             raise ValueError(f"expected positions of shape ({self.n_atoms}, 3), got {positions.shape}")
         if self.size > 1:
-            self._command[0] = _EVAL
+            self._command[0] = _EVAL if dipoles else _EVAL_NO_DIPOLE
             self.comm.Bcast([self._command, self.MPI.INT64_T], root=0)
             self._positions[:] = positions
             self.comm.Bcast([self._positions, self.MPI.DOUBLE], root=0)
         else:
             self._positions[:] = positions
-        flat = self._gather(self._evaluate_share())
+        flat = self._gather(self._evaluate_share(dipoles))
         parts = []
         for r, (energy, dipole) in enumerate(self.shares):
             k, j = len(energy), len(dipole)
             rec = flat[self.displs[r]:self.displs[r] + self.counts[r]]
             e = rec[:k]
             f = rec[k:k + 3 * k * self.n_atoms].reshape(k, self.n_atoms, 3)
-            d = rec[k + 3 * k * self.n_atoms:].reshape(j, 3)
+            d = rec[k + 3 * k * self.n_atoms:].reshape(j, 3) if dipoles else np.zeros((0, 3))
             parts.append(MemberOutputs(energies=e, forces=f if k else None, dipoles=d))
         return self.committee.summarize(MemberOutputs.concatenate(parts), self.n_atoms)
 
@@ -112,8 +115,8 @@ class MPICommittee:
         served = 0
         while True:
             self.comm.Bcast([self._command, self.MPI.INT64_T], root=0)
-            if self._command[0] != _EVAL:
+            if self._command[0] not in (_EVAL, _EVAL_NO_DIPOLE):
                 return served
             self.comm.Bcast([self._positions, self.MPI.DOUBLE], root=0)
-            self._gather(self._evaluate_share())
+            self._gather(self._evaluate_share(self._command[0] == _EVAL))
             served += 1

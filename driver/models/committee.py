@@ -175,9 +175,10 @@ class Committee:
         return Batch(species=species, positions=pos[None], mask=species >= 0), pos, idx
 
     def member_outputs(self, numbers, positions, forces: bool = True,
-                       member_forces: bool = True) -> MemberOutputs:
+                       member_forces: bool = True, dipoles: bool = True) -> MemberOutputs:
         """Per-member energies (and forces, dipoles) of one structure. ``member_forces=False`` takes a single
-        backward pass for the mean force (cheaper) and returns it in ``mean_forces``."""
+        backward pass for the mean force (cheaper) and returns it in ``mean_forces``; ``dipoles=False`` skips
+        the dipole model (no member dipoles: the prediction's dipole is None)."""
         k = self.n_energy_members
         energies = np.zeros(0)
         f_members, f_mean = None, None
@@ -202,8 +203,8 @@ class Committee:
                     else:
                         f_mean = -g.detach().double().numpy() / k
             energies = e.detach().double().numpy() + self.shift_energy(idx)
-        dipoles = self.member_dipoles(numbers, positions)
-        return MemberOutputs(energies=energies, forces=f_members, dipoles=dipoles, mean_forces=f_mean)
+        mu = self.member_dipoles(numbers, positions) if dipoles else np.zeros((0, 3))
+        return MemberOutputs(energies=energies, forces=f_members, dipoles=mu, mean_forces=f_mean)
 
     @torch.no_grad()
     def member_dipoles(self, numbers, positions) -> np.ndarray:
@@ -231,12 +232,16 @@ class Committee:
             dipole_std=float(np.sqrt(out.dipoles.var(0, ddof=1).sum())) if j > 1 else None,
             member_energies=out.energies, member_forces=out.forces, member_dipoles=out.dipoles)
 
-    def predict(self, numbers, positions, forces: bool = True, member_forces: bool = True) -> CommitteePrediction:
-        out = self.member_outputs(numbers, positions, forces=forces, member_forces=member_forces)
+    def predict(self, numbers, positions, forces: bool = True, member_forces: bool = True,
+                dipoles: bool = True) -> CommitteePrediction:
+        out = self.member_outputs(numbers, positions, forces=forces, member_forces=member_forces, dipoles=dipoles)
         return self.summarize(out, len(numbers))
 
-    def predict_batch(self, numbers_list, positions_list, member_forces: bool = True) -> list[CommitteePrediction]:
-        """Many structures (any sizes) in one padded forward/backward pass."""
+    def predict_batch(self, numbers_list, positions_list, member_forces: bool = True,
+                      dipoles=True) -> list[CommitteePrediction]:
+        """Many structures (any sizes) in one padded forward/backward pass. ``dipoles``: True, False, or one
+        bool per structure; the dipole model runs (one padded pass) only on the structures that ask for it,
+        the others get no dipole (None), as with ``predict(..., dipoles=False)``."""
         idx = [self.species_index(z) for z in numbers_list]
         batch = make_batch(idx, positions_list, dtype=self.dtype)
         pos = batch.positions.requires_grad_(True)
@@ -256,16 +261,24 @@ class Committee:
             g = g[None] / k
         e = e.detach().double().numpy()
         g = -g.detach().double().numpy()
-        with torch.no_grad():
-            mu = (self.dipole_model(make_batch(idx, positions_list, dtype=self.dtype), self.config.total_charge)
-                  .double().numpy() if self.dipole_model is not None else np.zeros((0, len(idx), 3)))
+        wanted = [bool(dipoles)] * len(idx) if isinstance(dipoles, (bool, np.bool_)) else [bool(d) for d in dipoles]
+        if len(wanted) != len(idx):
+            raise ValueError(f"dipoles: {len(wanted)} flags for {len(idx)} structures")
+        rows = [b for b, w in enumerate(wanted) if w] if self.dipole_model is not None else []
+        column = {b: c for c, b in enumerate(rows)}
+        mu = np.zeros((0, 0, 3))
+        if rows:
+            with torch.no_grad():
+                mu = self.dipole_model(make_batch([idx[b] for b in rows], [positions_list[b] for b in rows],
+                                                  dtype=self.dtype), self.config.total_charge).double().numpy()
         preds = []
         for b, ix in enumerate(idx):
             n = len(ix)
             forces = g[:, b, :n]
             out = MemberOutputs(energies=e[:, b] + self.shift_energy(ix),
                                 forces=forces if (member_forces or k == 1) else None,
-                                dipoles=mu[:, b], mean_forces=None if member_forces or k == 1 else forces[0])
+                                dipoles=mu[:, column[b]] if b in column else np.zeros((0, 3)),
+                                mean_forces=None if member_forces or k == 1 else forces[0])
             preds.append(self.summarize(out, n))
         return preds
 

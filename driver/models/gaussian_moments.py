@@ -26,7 +26,7 @@ name                   contraction                                              
 360 features for 5 radial functions (:func:`n_features` gives the count for other sizes). The index
 restrictions drop exact duplicates that the symmetry of a contraction creates.
 
-Speed (measured by ``bench/model_speed.py``; at these sizes the number of tensor operations, not the
+Speed (``bench/model_speed.py`` times it; at these sizes the number of tensor operations, not the
 arithmetic, sets the cost):
 
 - the moments are symmetric, so the neighbour sums keep their 20 independent components
@@ -34,13 +34,14 @@ arithmetic, sets the cost):
 - the neighbour sums ``M[i, (z, s'), m] = sum_{j of species z} g_s'(d_ij) f_c(d_ij) A_m(u_ij)`` do not
   depend on the learnable coefficients: they are computed once and shared by all committee members,
   and at inference (:class:`_MomentSums`) with a hand-written backward that gives every member its own
-  forces without recomputing them;
+  forces without recomputing them; training on forces (:class:`MomentForces`) uses that backward and its
+  adjoint, the JVP, so that the geometry is never differentiated twice;
 - the invariants are a few dense products with fixed contraction tables built from the table above
   (:func:`invariants`); :func:`invariants_cartesian` is the readable one-einsum-per-contraction definition
   they are tested against;
 - at inference the whole descriptor runs in compiled C where the optional extension was built
-  (:mod:`driver.models.fast_kernels`): one call forward, one backward, about 1.5x faster end to end on
-  P10 than the PyTorch version above, which stays the definition for training and Hessians.
+  (:mod:`driver.models.fast_kernels`): one call forward, one backward; the PyTorch version above stays
+  the definition for training and Hessians.
 """
 from __future__ import annotations
 
