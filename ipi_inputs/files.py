@@ -248,36 +248,54 @@ def latest_checkpoint(folder: str | os.PathLike, prefix: str) -> tuple[Path, int
     return best
 
 
-_DIPOLE_HEADER = re.compile(r"^\s*#\s*EXTRAS\(dipole\)#\s*Step:\s*(\d+)")
+_EXTRAS_HEADER = re.compile(r"^\s*#\s*EXTRAS\((\w+)\)#\s*Step:\s*(\d+)")
+
+
+def expected_labels(last: int, stride: int = 1) -> list[int]:
+    """The step labels i-PI writes up to MD step ``last`` with ``<trajectory stride='stride'>``: i-PI writes
+    the configuration after s steps (label s) when s % stride == 0, the initial one (label 0) included, and
+    keeps counting from the checkpoint's step after a restart, so the labels are 0, K, 2K, ... <= last."""
+    if int(stride) < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    return list(range(0, int(last) + 1, int(stride)))
 
 
 def dipole_labels(path: Path) -> list[int]:
-    """Step labels of an i-PI dipole extras file (label L = the configuration after L steps)."""
+    """Step labels of an i-PI extras file (``dipole``, ``dipole_members``, ...; label L = the configuration
+    after L steps)."""
     labels = []
     if path.is_file():
         with open(path, errors="replace") as f:
             for line in f:
-                m = _DIPOLE_HEADER.match(line)
+                m = _EXTRAS_HEADER.match(line)
                 if m:
-                    labels.append(int(m.group(1)))
+                    labels.append(int(m.group(2)))
     return labels
 
 
-def cut_dipoles(path: Path, last: int) -> bool:
-    """Keep the frames with label <= ``last``; True when they are exactly 0..last (nothing missing)."""
+def cut_dipoles(path: Path, last: int, stride: int = 1) -> bool:
+    """Keep the frames of an i-PI extras file (dipole or dipole_members) with label <= ``last``; True when
+    they are exactly those i-PI writes with this ``stride`` (0, K, 2K, ... <= last: nothing missing, see
+    :func:`expected_labels`) and every kept frame is whole (as many data lines as the first, each ending in a
+    newline). False leaves the file untouched: the run cannot be resumed seamlessly from ``last``."""
     if not path.is_file():
         return False
-    kept, labels, keep = [], [], True
+    kept, labels, rows, keep = [], [], [], True
     with open(path, errors="replace") as f:
         for line in f:
-            m = _DIPOLE_HEADER.match(line)
+            m = _EXTRAS_HEADER.match(line)
             if m:
-                keep = int(m.group(1)) <= last
+                keep = int(m.group(2)) <= last
                 if keep:
-                    labels.append(int(m.group(1)))
+                    labels.append(int(m.group(2)))
+                    rows.append(0)
+            elif keep and rows and line.strip():
+                rows[-1] += 1
             if keep:
                 kept.append(line)
-    if labels != list(range(last + 1)) or (kept and _DIPOLE_HEADER.match(kept[-1])):
+    if labels != expected_labels(last, stride) or (kept and not kept[-1].endswith("\n")):
+        return False
+    if rows and (min(rows) == 0 or len(set(rows)) > 1):  # a header without its rows, or a torn frame
         return False
     write_text(path, "".join(kept))
     return True

@@ -62,7 +62,7 @@ class DipoleSeries:
 
     @property
     def n_frames(self) -> int:
-        return int(len(self.dipoles))
+        return int(self.dipoles.shape[-2])
 
     @property
     def duration_fs(self) -> float:
@@ -70,21 +70,12 @@ class DipoleSeries:
 
 
 @dataclass
-class DipoleMembersSeries:
+class DipoleMembersSeries(DipoleSeries):
     """Dipoles of each committee member on one trajectory: ``dipoles`` (n_members, n_frames, 3) in e·Å."""
-
-    dipoles: np.ndarray
-    frame_interval_fs: float
-    source: str = ""
-    steps: np.ndarray | None = None
 
     @property
     def n_members(self) -> int:
         return int(self.dipoles.shape[0])
-
-    @property
-    def n_frames(self) -> int:
-        return int(self.dipoles.shape[1])
 
 
 def detect_format(path: str | os.PathLike) -> str:

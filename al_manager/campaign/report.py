@@ -2,14 +2,22 @@
 
 Layout under the campaign's output folder:
 
-- ``spectra/<cluster>/<T>K/spectrum.csv``: mean MD IR spectrum over the trusted runs and its standard error
-  (the CSV of :mod:`spectra.spectrum`: ``wavenumber_cm-1,wavelength_um,intensity,stderr``, km/mol per cm^-1);
-  ``spectrum.png`` with the committee's harmonic spectrum overlaid (same absolute unit: each harmonic line is
-  a Gaussian whose area is its intensity in km/mol);
+- ``spectra/<cluster>/<T>K/spectrum.csv``: mean MD IR spectrum over the trusted runs (of the committee-mean
+  dipole) with two error bands (the CSV of :mod:`spectra.spectrum`:
+  ``wavenumber_cm-1,wavelength_um,intensity,stderr,std_committee``, km/mol per cm^-1): ``stderr``, the standard
+  error over the runs (the MD's sampling noise), and ``std_committee``, the std over the dipole committee
+  members of their spectra on the same runs (the dipole model's uncertainty; member k's spectrum is its mean
+  over the runs, :func:`spectra.autocorrelation.md_committee_spectrum`); ``std_committee`` needs >= 2 dipole
+  members and their ``md.dipole_members_0`` files, and is left out otherwise. ``spectrum.png`` shows both
+  bands, labelled, with the committee's harmonic spectrum overlaid (same absolute unit: each harmonic line
+  is a Gaussian whose area is its intensity in km/mol). The dipoles come every ``md.dipole_stride_fs``; with
+  ``spectra.correct_central_difference`` the damping of the central difference at that interval is divided
+  out, so the spectrum is that of a dipole every step;
 - ``spectra/<cluster>/harmonic.txt`` (frequencies cm^-1, intensities km/mol; committee autograd Hessian at
   the committee-relaxed structure ``harmonic_structure.xyz``);
-- ``runs/<cluster>/<T>K/seed<s>/spectrum.csv``: every run's own spectrum (``spectrum.untrusted.csv`` for a run
-  stopped outside the trusted region: kept for inspection, never in the mean);
+- ``runs/<cluster>/<T>K/seed<s>/spectrum.csv``: every run's own spectrum, with that run's committee band
+  (``spectrum.untrusted.csv`` for a run stopped outside the trusted region: kept for inspection, never in
+  the mean);
 - ``sums/<composition>_<T>K_kappa.txt`` (wavenumber, wavelength, summed intensity, its standard error,
   cross-section per cluster, mass absorption coefficient kappa in cm^2/g; sizes weighted equally as in the
   paper's Fig. 8), ``..._sum.csv`` and ``..._sum.png`` (kappa against wavelength, 9.7 and 18 µm marked);
@@ -65,16 +73,30 @@ def _uncertainty_stats(folders: list[Path]) -> dict:
 
 
 def _production_dipoles(run, config: CampaignConfig):
-    """Production dipoles of a run (e·Å, one frame per step) and the number of production steps kept."""
-    from spectra.io import read_dipoles
+    """Production dipoles of a run (e·Å, one frame every ``md.dipole_stride_fs``), the number of frames kept,
+    the file, and the per-member dipoles of the same frames (n_members, n_frames, 3) e·Å, or None with the
+    reason they are missing."""
+    from spectra.io import check_same_trajectory, read_dipole_members, read_dipoles
 
     phase = next(p for p in run.phases if p.production_from is not None)
     path = run.phase_folder(phase) / "md.dipole_0"
     series = read_dipoles(path, config.md.timestep_fs, units="au", fmt="ipi")
-    if series.frame_interval_fs != config.md.timestep_fs:
-        raise ValueError(f"{path}: dipoles every {series.frame_interval_fs:g} fs, expected every step")
+    if not math.isclose(series.frame_interval_fs, config.md.dipole_stride_fs, rel_tol=1e-9):
+        raise ValueError(f"{path}: dipoles every {series.frame_interval_fs:g} fs, expected every "
+                         f"{config.md.dipole_stride_fs:g} fs (md.dipole_stride_fs)")
     keep = series.steps >= phase.production_from
-    return series.dipoles[keep], int(keep.sum()), str(path)
+    members, why = None, None
+    members_path = run.phase_folder(phase) / "md.dipole_members_0"
+    try:
+        found = read_dipole_members(members_path, config.md.timestep_fs, units="au", fmt="ipi")
+        check_same_trajectory(series, found)
+        if found.n_members < 2:
+            why = f"{found.n_members} dipole member: a committee band needs at least 2"
+        else:
+            members = found.dipoles[:, keep]
+    except (ValueError, FileNotFoundError) as exc:
+        why = str(exc)
+    return series.dipoles[keep], int(keep.sum()), str(path), members, why
 
 
 def _harmonic(config: CampaignConfig, cluster, out_dir: Path, log) -> dict | None:
@@ -114,7 +136,9 @@ def _harmonic(config: CampaignConfig, cluster, out_dir: Path, log) -> dict | Non
 
 def write_outputs(config: CampaignConfig, states, log=print, throughput: dict | None = None) -> dict:
     """Spectra, plots, sums and ``summary.json`` from the trajectories' files (see the module docstring)."""
-    from spectra.autocorrelation import SpectrumOptions, mean_spectrum, run_spectrum
+    from spectra.autocorrelation import (SpectrumOptions, committee_spectra, md_committee_spectrum, mean_spectrum,
+                                         member_band_areas, run_spectrum, with_committee_band)
+    from spectra.io import DipoleMembersSeries
     from spectra.broadening import broaden
     from spectra.plotting import plot_spectra
     from spectra.spectrum import Spectrum, trapezoid, write_spectrum_csv
@@ -122,8 +146,10 @@ def write_outputs(config: CampaignConfig, states, log=print, throughput: dict | 
 
     out = Path(config.output)
     options = SpectrumOptions(depth_fs=config.spectra.correlation_depth_fs, discard_ps=config.md.discard_ps,
-                              window=config.spectra.window)
+                              window=config.spectra.window,
+                              correct_central_difference=config.spectra.correct_central_difference)
     dt_ps = config.md.timestep_fs / 1000.0
+    frame_fs = config.md.dipole_stride_fs
     trajectories, per_group = [], {}
     for run, state in states:
         status = state.get("status", "pending")
@@ -139,17 +165,23 @@ def write_outputs(config: CampaignConfig, states, log=print, throughput: dict | 
         steps = run.steps_done() if status != "done" else run.total_steps
         entry["simulated_ps"] = round(steps * dt_ps, 6)
         entry["uncertainty"] = _uncertainty_stats(folders)
-        spectrum = None
+        spectrum = members = None
         if status in ("done", "untrusted"):
             try:
-                dipoles, n_prod, source = _production_dipoles(run, config)
-                entry["production_ps"] = round(max(0, n_prod - 1) * dt_ps, 6)
-                spectrum = run_spectrum(dipoles, config.md.timestep_fs, run.spec.temperature, options, source=source)
+                dipoles, n_prod, source, members, why = _production_dipoles(run, config)
+                entry["production_ps"] = round(max(0, n_prod - 1) * frame_fs / 1000.0, 6)
+                spectrum = run_spectrum(dipoles, frame_fs, run.spec.temperature, options, source=source)
+                if members is not None:
+                    members = DipoleMembersSeries(members, frame_fs, source=source.replace("dipole_0", "dipole_members_0"))
+                    spectrum = with_committee_band(spectrum, committee_spectra(
+                        members.dipoles, frame_fs, run.spec.temperature, options, members.source))
+                else:
+                    entry["committee_band"] = f"none: {why}"
                 name = "spectrum.csv" if status == "done" else "spectrum.untrusted.csv"
                 write_spectrum_csv(run.folder / name, spectrum)
                 entry["spectrum"] = _rel(run.folder / name, out)
             except (ValueError, FileNotFoundError, StopIteration) as exc:
-                spectrum = None
+                spectrum = members = None
                 entry["spectrum"] = None
                 entry["spectrum_error"] = str(exc)
                 if status == "done":  # a finished run whose dipoles cannot be read is a failure, not data
@@ -158,7 +190,7 @@ def write_outputs(config: CampaignConfig, states, log=print, throughput: dict | 
         entry["in_mean"] = entry["status"] == "done" and spectrum is not None
         trajectories.append(entry)
         key = (run.spec.cluster.name, run.spec.temperature)
-        per_group.setdefault(key, []).append((entry, spectrum))
+        per_group.setdefault(key, []).append((entry, spectrum, members))
 
     harmonic = {}
     if config.spectra.harmonic:
@@ -172,13 +204,28 @@ def write_outputs(config: CampaignConfig, states, log=print, throughput: dict | 
     spectra_records, means = [], {}
     clusters = {c.name: c for c in config.clusters}
     for (name, temperature), items in per_group.items():
-        used = [(e, s) for e, s in items if e["in_mean"]]
-        excluded = [{"id": e["id"], "status": e["status"], "reason": e.get("reason")} for e, s in items if not e["in_mean"]]
+        used = [(e, s) for e, s, _ in items if e["in_mean"]]
+        used_members = [m for e, _, m in items if e["in_mean"]]
+        excluded = [{"id": e["id"], "status": e["status"], "reason": e.get("reason")} for e, s, _ in items
+                    if not e["in_mean"]]
         folder = out / "spectra" / name / f"{temperature:g}K"
         record = {"cluster": name, "temperature_K": temperature, "n_runs": len(used),
                   "runs": [e["id"] for e, _ in used], "excluded": excluded}
         if used:
             mean = mean_spectrum([s for _, s in used])
+            if used_members and all(m is not None for m in used_members):
+                committee = md_committee_spectrum(used_members, temperature, options)
+                mean = with_committee_band(mean, committee)
+                areas = member_band_areas(committee)
+                record["committee"] = {"n_dipole_members": committee.n_members,
+                                       "member_band_areas_km_mol": [round(float(a), 6) for a in areas],
+                                       "relative_std": float(np.std(areas, ddof=1) / np.mean(areas))
+                                       if np.mean(areas) > 0 else math.nan}
+            else:
+                missing = [e["id"] for (e, _), m in zip(used, used_members) if m is None]
+                record["committee"] = None
+                record["committee_missing"] = (f"no committee band: no usable per-member dipoles in "
+                                               f"{', '.join(missing)} (see their committee_band)")
             folder.mkdir(parents=True, exist_ok=True)
             write_spectrum_csv(folder / "spectrum.csv", mean)
             means[(name, temperature)] = mean
@@ -193,7 +240,7 @@ def write_outputs(config: CampaignConfig, states, log=print, throughput: dict | 
             record["convergence"] = convergence
             if convergence:
                 record["relative_stderr"] = convergence[-1]["relative_stderr"]
-            curves, labels = [mean], [f"MD {temperature:g} K, mean of {len(used)} run(s) ± s.e."]
+            curves, labels = [mean], [f"MD {temperature:g} K, mean of {len(used)} run(s)"]
             h = harmonic.get(name) or {}
             if "result" in h:
                 res = h["result"]
@@ -203,7 +250,7 @@ def write_outputs(config: CampaignConfig, states, log=print, throughput: dict | 
                 labels.append(f"harmonic (committee), FWHM {config.spectra.harmonic_fwhm_cm:g} cm$^{{-1}}$")
             top = float(mean.wavenumber[-1])
             plot_spectra(folder / "spectrum.png", curves, labels, xlim=(0.0, min(top, 1500.0)),
-                         title=f"{name} at {temperature:g} K")
+                         title=f"{name} at {temperature:g} K", label_bands=True)
             record["png"] = _rel(folder / "spectrum.png", out)
         else:
             record["file"] = None

@@ -17,14 +17,16 @@ and one sub-folder per phase:
 - ``nvt``: one NVT run of equilibration + production steps (``md/``): the equilibration is its first part;
 - ``nve``: ``equilibration/`` (NVT) then ``production/`` (NVE from the equilibration's last checkpoint).
 
-Each phase folder has i-PI's files (prefix ``md``: ``md.dipole_0`` in e·Bohr, ``md.out``, ``md.pos_0.xyz``,
-``md.chk``, ``RESTART``), the driver's ``uncertainty.csv`` (committee disagreement every step) and
-``ipi.log``.
+Each phase folder has i-PI's files (prefix ``md``: ``md.dipole_0`` and ``md.dipole_members_0`` (every dipole
+member) in e·Bohr, both every ``md.dipole_stride_fs`` (labels 0, K, 2K, ... in MD steps; the driver computes
+the dipole only on those steps, ``--dipole-every K``), ``md.out``, ``md.pos_0.xyz``, ``md.chk``, ``RESTART``),
+the driver's ``uncertainty.csv`` (committee disagreement every step) and ``ipi.log``.
 
 Resuming: a finished trajectory (done, or stopped outside the trusted region) is never run again. An
 unfinished phase restarts from the newest i-PI checkpoint (``md.chk`` or the ``RESTART`` i-PI writes when
 it is stopped); the outputs are first cut back to that step, so the restarted run appends without
-repeating or missing a step. A phase without a usable checkpoint starts again from scratch.
+repeating or missing a step (the dipole files keep labels 0, K, 2K, ... up to that step; i-PI's labels are
+absolute step numbers, so a checkpoint between two dipole steps resumes seamlessly too). A phase without a usable checkpoint starts again from scratch.
 Child processes get SIGTERM when the campaign process dies (Linux ``PR_SET_PDEATHSIG``), so a killed
 campaign leaves i-PI writing its RESTART file and exiting, not running on; a resumed campaign also ends
 leftover processes recorded in the state files (by pid and start time) before it starts.
@@ -47,13 +49,15 @@ from pathlib import Path
 import numpy as np
 
 from al_manager.processes import child_env, die_with_parent, end_process, executable, remove_stale_socket, start_time
-from ipi_inputs.files import SOCKETS_PREFIX, cut_dipoles, cut_rows, cut_xyz, dipole_labels, latest_checkpoint
+from ipi_inputs.files import (SOCKETS_PREFIX, cut_dipoles, cut_rows, cut_xyz, dipole_labels, expected_labels,
+                              latest_checkpoint)
 from spectra.atomic import write_json
 
 from .config import CampaignConfig, TrajectorySpec, n_atoms
 from .report import write_outputs
 
 PREFIX = "md"                       # i-PI output prefix of every phase
+DIPOLE_FILES = (f"{PREFIX}.dipole_0", f"{PREFIX}.dipole_members_0")   # cut back together on resume
 MAX_ATTEMPTS = 2                    # technical failures (crash, lost driver) retried within one invocation
 FINAL = ("done", "untrusted")       # never run again
 STOP_GRACE_S = 30.0                 # how long a stopped i-PI may take to exit before SIGTERM
@@ -99,9 +103,16 @@ class TrajectoryRun:
     @property
     def md_record(self) -> dict:
         """What the trajectory's files depend on: a resumed campaign must not change it."""
-        return {"ensemble": self.config.ensemble, "timestep_fs": self.config.md.timestep_fs,
-                "phases": [[p.name, p.steps] for p in self.phases],
-                "structure": str(self.spec.cluster.structure)}
+        record = {"ensemble": self.config.ensemble, "timestep_fs": self.config.md.timestep_fs,
+                  "phases": [[p.name, p.steps] for p in self.phases],
+                  "structure": str(self.spec.cluster.structure)}
+        if self.dipole_stride != 1:  # absent for a dipole every step: campaigns from before the stride resume
+            record["dipole_stride"] = self.dipole_stride
+        return record
+
+    @property
+    def dipole_stride(self) -> int:
+        return self.config.md.dipole_stride
 
     def check_compatible(self) -> None:
         saved = self.state.get("md")
@@ -146,8 +157,9 @@ class TrajectoryRun:
     def phase_complete(self, phase: Phase) -> bool:
         folder = self.phase_folder(phase)
         chk = latest_checkpoint(folder, PREFIX)
+        expected = expected_labels(phase.steps, self.dipole_stride)
         return (chk is not None and chk[1] >= phase.steps
-                and dipole_labels(folder / f"{PREFIX}.dipole_0") == list(range(phase.steps + 1)))
+                and all(dipole_labels(folder / name) == expected for name in DIPOLE_FILES))
 
     def steps_done(self) -> int:
         """MD steps completed and kept, over all phases (from the files)."""
@@ -184,8 +196,8 @@ class TrajectoryRun:
 
     def _cut_back(self, folder: Path, step: int) -> bool:
         """Cut every output back to ``step`` so the restarted i-PI appends seamlessly."""
-        if not cut_dipoles(folder / f"{PREFIX}.dipole_0", step):
-            return False
+        if not all([cut_dipoles(folder / name, step, self.dipole_stride) for name in DIPOLE_FILES]):
+            return False  # (a list: both files are checked and cut; a phase that fails starts afresh)
         cut_rows(folder / f"{PREFIX}.out", lambda s: s <= step)
         cut_xyz(folder / f"{PREFIX}.pos_0.xyz", step)
         cut_rows(folder / "uncertainty.csv", lambda s: s < step)  # step `step` is evaluated again
@@ -202,7 +214,7 @@ class TrajectoryRun:
         # the dipole file flushed every step, so it never lags behind a checkpoint (resume cuts it back)
         common = dict(socket=f"unix:{self.socket_name}", steps=phase.steps, seed=spec.seed, prefix=PREFIX,
                       timeout=600.0, timestep_fs=md.timestep_fs, checkpoint_steps=md.checkpoint_steps,
-                      dipole_flush=1)
+                      dipole_flush=1, dipole_stride=md.dipole_stride)
         if phase.template == "production_nve":
             previous = self.phase_folder(self.phases[k - 1])
             chk = latest_checkpoint(previous, PREFIX)
@@ -227,7 +239,7 @@ class DriverProcess:
         cmd = [sys.executable, "-m", "driver.ipi.batch_server", "--models", str(config.models), "--control", "-",
                "--threads", str(config.run.threads), "--gather-ms", f"{config.run.gather_ms:g}",
                "--progress-every", "1", "--sockets-prefix", SOCKETS_PREFIX,
-               "--trust-measure", config.trust.measure]
+               "--trust-measure", config.trust.measure, "--dipole-every", str(config.md.dipole_stride)]
         if config.trust.trust_cap is not None:
             cmd += ["--trust-cap", f"{config.trust.trust_cap:g}"]
         if config.trust.fragment_distance is not None:

@@ -18,7 +18,9 @@ paper's arrays ``paper_ir/P5/isomer_{I,II,III,IV}_harmonic.npy`` (69 x 4: DFT fr
 ML frequency, ML intensity; vibrations only, ascending) are found (``--paper-ir DIR``, default
 ``../paper_ir/P5`` beside the structures' folder), ours stand beside theirs: frequency MAE against their DFT
 and against their ML, intensity MAE and the ratio of summed intensities, and their own ML-vs-DFT MAE.
-The traj's frames are the global minimum then isomers I..IV in order of energy.
+The traj's frames are taken as the global minimum, then isomers I..IV in the traj's order (rising energy);
+the files name no isomer, so this pairing is an assumption (the paper's own ML-vs-DFT MAEs read from the
+arrays, lowest for I and highest for II as its text says, confirm the columns, not the pairing).
 
 ``--train-db DB`` (``--test-db DB``): the SOAP-PCA map of Fig. 7 b (:mod:`spectra.soap_map`; needs dscribe:
 ``pip install nanosil[analysis]``) in OUT/soap_map.png and OUT/soap_map.csv, and each structure's distance
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -262,13 +265,13 @@ def beside_paper(ours, paper: np.ndarray, n_atoms: int) -> dict:
     ml = HarmonicIR(paper[:, 2], paper[:, 3], None, "paper ML")
     vs_dft = compare_harmonic(dft, ours, n_atoms)
     vs_ml = compare_harmonic(ml, ours, n_atoms)
-    theirs = compare_harmonic(dft, ml, n_atoms)
+    paper_self = compare_harmonic(dft, ml, n_atoms)
     vib = drop_zero_modes(ours)
     theirs = paper[np.argsort(paper[:, 0], kind="stable"), 1]  # DFT intensities, modes by frequency as ours
     ok = len(theirs) == len(vib.intensities) and np.all(np.isfinite(vib.intensities)) and np.std(vib.intensities) > 0
     corr = float(np.corrcoef(theirs, vib.intensities)[0, 1]) if ok else float("nan")
     return {
-        "vs_paper_dft": vs_dft, "vs_paper_ml": vs_ml, "paper_ml_vs_paper_dft": theirs,
+        "vs_paper_dft": vs_dft, "vs_paper_ml": vs_ml, "paper_ml_vs_paper_dft": paper_self,
         "intensity_sum_km_mol": {"ours": float(vib.intensities.sum()), "paper_dft": float(paper[:, 1].sum()),
                                  "paper_ml": float(paper[:, 3].sum())},
         "intensity_correlation_vs_paper_dft": corr,
@@ -289,7 +292,8 @@ def harmonic_plot(path: Path, ours, paper: np.ndarray | None, title: str) -> Non
     if paper is not None:
         spectra += [broaden(paper[:, 0], paper[:, 1]), broaden(paper[:, 2], paper[:, 3])]
         labels += ["paper DFT (PBE0)", "paper ML"]
-    top = max(float(np.max(vib.frequencies)) * 1.1, 200.0)
+    highest = max(float(np.max(vib.frequencies)), float(np.max(paper[:, [0, 2]])) if paper is not None else 0.0)
+    top = max(highest * 1.1, 200.0)
     plot_spectra(path, spectra, labels, xlim=(0.0, min(top, 4000.0)), ylabel="intensity / km mol$^{-1}$",
                  title=title)
 
@@ -301,7 +305,8 @@ def _safe(name: str) -> str:
 def _fmt(x, width=9, digits=2) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return f"{'-':>{width}s}"
-    return f"{x:{width}.{digits}f}"
+    text = f"{x:{width}.{digits}f}"
+    return text if len(text) <= width else f"{x:{width}.{max(1, width - 7)}g}"
 
 
 def print_table(rows: list[dict], harmonic: bool) -> None:
@@ -423,7 +428,7 @@ def run(args) -> int:
         seen = training_overlap(committee, frames)
         if seen > 0:
             print(f"nanosil transferability: warning: {seen} of {len(frames)} structures in {path} are in the "
-                  f"training data of {args.models}: they do not test transferability", flush=True)
+                  f"training data of {args.models}: they do not test transferability", file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
 
     from ase import Atoms
