@@ -53,6 +53,48 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
+def xtb_model(tmp_path_factory):
+    """A small committee (3 energy + 2 dipole members) trained on GFN2-xTB labels of P1 and O1 sampled along
+    their xTB normal modes at 50-600 K, and the xTB-relaxed structures it starts from ({"P1": path, "O1": path}):
+    stable MD with real vibrational bands (a real campaign in test_campaign, the dipole stride in
+    test_dipole_stride). Needs tblite."""
+    import numpy as np
+    from ase import units
+    from ase.io import read, write
+
+    pytest.importorskip("tblite")
+    from al_manager.reference.base import get_backend
+    from driver.data import Frame
+    from driver.training import TrainConfig, train_committee
+
+    folder = tmp_path_factory.mktemp("xtb_model")
+    xtb = get_backend("xtb")
+    rng = np.random.default_rng(0)
+    hbar = units._hbar * units.J * units.s
+    frames, paths = [], {}
+    for name, tag in (("pyroxene_N01_GM.xyz", "P1"), ("olivine_N01_GM.xyz", "O1")):
+        base = xtb.relax(read(cluster(name)))
+        paths[tag] = folder / f"{tag}.xyz"
+        write(paths[tag], base)
+        h = xtb.harmonic(base)
+        keep = h.frequencies > 50
+        sqm = np.sqrt(base.get_masses())[:, None]
+        modes = np.array([v / np.linalg.norm(v * sqm) for v in h.modes[keep]])  # unit mass-weighted norm
+        omega = h.frequencies[keep] * units.invcm / hbar
+        for k in range(40):
+            amplitude = rng.normal(size=len(omega)) * np.sqrt(units.kB * (50, 150, 300, 600)[k % 4]) / omega
+            atoms = base.copy()
+            atoms.positions += np.tensordot(amplitude, modes, axes=1)
+            label = xtb.label(atoms)
+            frames.append(Frame(atoms.numbers.copy(), atoms.positions.copy(), label.energy, label.forces,
+                                label.dipole))
+    train_committee(frames, folder / "model", TrainConfig(
+        committee=3, dipole_members=2, epochs=60, patience=60, log_every=1000,
+        model=dict(hidden=(32, 32), dipole_features=16, dipole_interactions=1)))
+    return folder / "model", paths
+
+
+@pytest.fixture(scope="session")
 def p2_dft_frames():
     from driver.data import read_frames
 

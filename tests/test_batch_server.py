@@ -17,7 +17,7 @@ from ase import units
 from ase.io import read
 
 from driver.geometry_checks import fragments
-from driver.ipi.batch_server import partition_by_size
+from driver.ipi.batch_server import Target, partition_by_size
 from driver.models.committee import load_committee
 from ipi_inputs import render_input
 from conftest import BIN, CHILD_ENV, cluster, stop, untrained_committee
@@ -153,3 +153,32 @@ def test_bad_input_is_one_line(models, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "driver.ipi.batch_server", "--models", str(tmp_path / "none")],
                           capture_output=True, text=True, env=CHILD_ENV, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+    proc = subprocess.run(cmd[:-2] + ["--control", "-", "--dipole-every", "0"], capture_output=True, text=True,
+                          env=CHILD_ENV, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--dipole-every must be at least 1" in proc.stderr
+    for bad in ({"dipole_every": 0}, {"dipole_every": "4"}, {"step_offset": -1}):
+        with pytest.raises(ValueError, match=f"target {next(iter(bad))} must be an integer"):
+            Target.from_dict({"id": "a", "socket": "unix:a", "structure": "x.xyz", **bad})
+    assert Target.from_dict({"id": "a", "socket": "unix:a", "structure": "x.xyz", "dipole_every": 4}).dipole_every == 4
+
+
+def test_predict_batch_runs_the_dipole_model_only_where_asked(models):
+    """Per-structure dipole flags (the batched driver's --dipole-every): asked-for dipoles equal the
+    single-structure ones, the others are absent; energies and forces do not depend on the flags."""
+    committee = load_committee(models, dtype=__import__("torch").float64)
+    frames = [read(cluster(n)) for n in ("pyroxene_N01_GM.xyz", "pyroxene_N02_GM.xyz", "olivine_N01_GM.xyz")]
+    numbers, positions = [a.numbers for a in frames], [a.positions + 0.03 for a in frames]
+    flags = [False, True, False]
+    batched = committee.predict_batch(numbers, positions, dipoles=flags)
+    for a, z, r, flag in zip(batched, numbers, positions, flags):
+        ref = committee.predict(z, r)
+        assert a.energy == pytest.approx(ref.energy, abs=1e-9)
+        np.testing.assert_allclose(a.forces, ref.forces, atol=1e-9)
+        if flag:
+            np.testing.assert_allclose(a.member_dipoles, ref.member_dipoles, atol=1e-12)
+            assert a.dipole_std == pytest.approx(ref.dipole_std, rel=1e-9)
+        else:
+            assert a.dipole is None and a.dipole_std is None and a.member_dipoles.shape == (0, 3)
+    assert all(p.dipole is None for p in committee.predict_batch(numbers, positions, dipoles=False))
+    with pytest.raises(ValueError, match="2 flags for 3 structures"):
+        committee.predict_batch(numbers, positions, dipoles=[True, False])

@@ -1,6 +1,7 @@
 """`nanosil ir-campaign`: configuration checks, i-PI file surgery for resuming, and a real campaign (real
-i-PI, the batched driver, a small committee trained here on GFN2-xTB labels) that is SIGKILLed, resumed,
-and then extended with more seeds.
+i-PI, the batched driver, a small committee of 3 energy + 2 dipole members trained on GFN2-xTB labels:
+conftest's xtb_model) that is SIGKILLed, resumed, and then extended with more seeds; its dipoles come every
+2 fs (the default md.dipole_stride_fs), and its spectra carry both error bands (runs and dipole committee).
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def _minimal(tmp_path: Path, **extra) -> dict:
 @pytest.mark.parametrize("change, message", [
     ({"md": {"production_ps": -1}}, "md.production_ps: must be positive"),
     ({"md": {"prodution_ps": 10}}, "md.prodution_ps: unknown key (did you mean 'production_ps'?)"),
+    ({"md": {"dipole_stride_fs": 1.25}}, "md.dipole_stride_fs: (1.25 fs) must be a multiple of timestep_fs (0.5 fs)"),
+    ({"md": {"dipole_stride_fs": 0}}, "md.dipole_stride_fs: must be positive"),
     ({"ensemble": "npt"}, "ensemble: must be one of 'nvt', 'nve'"),
     ({"seeds": [1, 1]}, "seeds: repeated values"),
     ({"temperatures": [300, -5]}, "temperatures[1]: -5 K: temperatures must be > 0 K"),
@@ -60,6 +63,9 @@ def test_config_defaults_and_plan(tmp_path):
     cfg = config_from_dict(data, tmp_path)
     assert (cfg.md.production_ps, cfg.md.timestep_fs, cfg.md.discard_ps, cfg.ensemble) == (40.0, 0.5, 5.0, "nvt")
     assert cfg.md.production_steps == 80000 and cfg.trust.measure == "force"
+    assert (cfg.md.dipole_stride_fs, cfg.md.dipole_stride, cfg.spectra.correct_central_difference) == (2.0, 4, True)
+    assert config_from_dict(_minimal(tmp_path, md={"timestep_fs": 0.25, "dipole_stride_fs": 1.75}),
+                            tmp_path).md.dipole_stride == 7
     plan = cfg.trajectories()
     assert len(plan) == 8 and len({t.id for t in plan}) == 8
     assert [t.cluster.name for t in plan[:4]] == ["P1"] * 4        # by size: P1 (5 atoms) before O2 (14)
@@ -83,10 +89,16 @@ def test_template_knobs_and_cutting_back_outputs(tmp_path):
 
     xml = render_input("production_nvt", tmp_path, socket="unix:x", structure=structure("pyroxene_N01_GM.xyz"),
                        temperature=300, seed=1, steps=100, prefix="md", timestep_fs=0.25, checkpoint_steps=50,
-                       dipole_flush=1, latency_s=1e-3)
+                       dipole_flush=1, latency_s=1e-3, dipole_stride=8)
     root = ET.parse(xml).getroot()   # every knob is a placeholder of the template, read back by i-PI's rules
     assert root.find("output/checkpoint").get("stride") == "50"
     assert root.find("output/trajectory[@filename='dipole']").get("flush") == "1"
+    for name in ("dipole", "dipole_members"):  # both dipole files at the dipole stride
+        node = root.find(f"output/trajectory[@filename='{name}']")
+        assert (node.get("stride"), node.get("extra_type"), node.text.strip()) == ("8", name, "extras")
+    with pytest.raises(ValueError, match="dipole_stride must be a positive integer"):
+        render_input("production_nvt", tmp_path, socket="unix:x", structure=structure("pyroxene_N01_GM.xyz"),
+                     temperature=300, seed=1, steps=100, dipole_stride=0)
     assert float(root.find("system/motion/dynamics/timestep").text) == 0.25
     assert float(root.find("ffsocket/latency").text) == 1e-3
     with pytest.raises(ValueError, match="checkpoint_steps"):
@@ -96,6 +108,19 @@ def test_template_knobs_and_cutting_back_outputs(tmp_path):
     dip.write_text("".join(f" #EXTRAS(dipole)# Step:  {k} \n 0.1 0.2 {k}\n" for k in range(8)))
     assert cut_dipoles(dip, 5) and dipole_labels(dip) == list(range(6))
     assert not cut_dipoles(dip, 7)       # frames 6 and 7 are gone: restarting at 7 would leave a gap
+    # a dipole every 4 steps (i-PI labels 0, 4, 8, ...: absolute MD steps), members file alike (2 rows a frame)
+    strided, members = tmp_path / "s.dipole_0", tmp_path / "s.dipole_members_0"
+    strided.write_text("".join(f" #EXTRAS(dipole)# Step:  {k} \n 0.1 0.2 {k}\n" for k in range(0, 41, 4)))
+    members.write_text("".join(f" #EXTRAS(dipole_members)# Step:  {k} \n 0.1 0.2 {k}\n 0.3 0.4 {k}\n"
+                               for k in range(0, 41, 4)))
+    assert cut_dipoles(strided, 30, stride=4) and dipole_labels(strided) == [0, 4, 8, 12, 16, 20, 24, 28]
+    assert cut_dipoles(members, 30, stride=4) and dipole_labels(members) == [0, 4, 8, 12, 16, 20, 24, 28]
+    assert members.read_text().count("\n") == 8 * 3
+    assert not cut_dipoles(strided, 30)            # stride 1 would need labels 0..30
+    assert not cut_dipoles(strided, 40, stride=4)  # 32..40 were cut: a gap
+    torn = tmp_path / "t.dipole_members_0"
+    torn.write_text(members.read_text() + " #EXTRAS(dipole_members)# Step:  32 \n 0.1 0.2 32\n")  # one row of 2
+    assert not cut_dipoles(torn, 32, stride=4) and cut_dipoles(torn, 31, stride=4)
     log = tmp_path / "u.csv"
     log.write_text("step,a\n" + "".join(f"{k},0.1\n" for k in range(8)) + "8,0.")  # last line torn
     cut_rows(log, lambda s: s < 4)
@@ -103,45 +128,6 @@ def test_template_knobs_and_cutting_back_outputs(tmp_path):
 
 
 # ---------------------------------------------------------------------- a real campaign
-@pytest.fixture(scope="module")
-def xtb_model(tmp_path_factory):
-    """A small committee (3 + 1 members) trained on GFN2-xTB labels of P1 and O1 sampled along their xTB normal
-    modes at 50-600 K, and the xTB-relaxed structures it starts from."""
-    from ase import units
-    from ase.io import read, write
-
-    from al_manager.reference.base import get_backend
-    from driver.data import Frame
-    from driver.training import TrainConfig, train_committee
-
-    pytest.importorskip("tblite")
-    folder = tmp_path_factory.mktemp("campaign_model")
-    xtb = get_backend("xtb")
-    rng = np.random.default_rng(0)
-    hbar = units._hbar * units.J * units.s
-    frames, paths = [], {}
-    for name, tag in (("pyroxene_N01_GM.xyz", "P1"), ("olivine_N01_GM.xyz", "O1")):
-        base = xtb.relax(read(structure(name)))
-        paths[tag] = folder / f"{tag}.xyz"
-        write(paths[tag], base)
-        h = xtb.harmonic(base)
-        keep = h.frequencies > 50
-        sqm = np.sqrt(base.get_masses())[:, None]
-        modes = np.array([v / np.linalg.norm(v * sqm) for v in h.modes[keep]])  # unit mass-weighted norm
-        omega = h.frequencies[keep] * units.invcm / hbar
-        for k in range(40):
-            amplitude = rng.normal(size=len(omega)) * np.sqrt(units.kB * (50, 150, 300, 600)[k % 4]) / omega
-            atoms = base.copy()
-            atoms.positions += np.tensordot(amplitude, modes, axes=1)
-            label = xtb.label(atoms)
-            frames.append(Frame(atoms.numbers.copy(), atoms.positions.copy(), label.energy, label.forces,
-                                label.dipole))
-    train_committee(frames, folder / "model", TrainConfig(
-        committee=3, dipole_members=1, epochs=60, patience=60, log_every=1000,
-        model=dict(hidden=(32, 32), dipole_features=16, dipole_interactions=1)))
-    return folder / "model", paths
-
-
 def _write_config(path: Path, model: Path, paths: dict, seeds: int, workers: int) -> None:
     path.write_text(f"""
 models = "{model}"
@@ -243,8 +229,9 @@ def test_campaign_killed_resumed_and_extended(xtb_model, tmp_path):
     for folder, (mtime, content) in finished.items():
         assert (folder / "md" / "md.dipole_0").stat().st_mtime_ns == mtime
         assert (folder / "md" / "md.dipole_0").read_bytes() == content
-    for folder in interrupted:
-        assert dipole_labels(folder / "md" / "md.dipole_0") == list(range(550 + 1))  # no step repeated or lost
+    for folder in interrupted:  # a dipole every 2 fs = 4 steps, the members with it: no frame repeated or lost
+        for name in ("md.dipole_0", "md.dipole_members_0"):
+            assert dipole_labels(folder / "md" / name) == list(range(0, 550 + 1, 4)), name
     # nothing left running: every i-PI recorded in the state files is gone
     for s in _states(out).values():
         assert s["status"] == "done" and (s["ipi_pid"] is None or start_time(s["ipi_pid"]) != s["ipi_started"])
@@ -257,14 +244,17 @@ def test_campaign_killed_resumed_and_extended(xtb_model, tmp_path):
         assert t["simulated_ps"] == pytest.approx(0.275) and t["in_mean"] and t["uncertainty"]
     for name in ("P1", "O1"):
         csv = out / "spectra" / name / "100K" / "spectrum.csv"
-        assert csv.read_text().splitlines()[0] == "wavenumber_cm-1,wavelength_um,intensity,stderr"
+        assert csv.read_text().splitlines()[0] == "wavenumber_cm-1,wavelength_um,intensity,stderr,std_committee"
         assert (out / "spectra" / name / "100K" / "spectrum.png").stat().st_size > 10000
         assert (out / "spectra" / name / "harmonic.txt").is_file()
     for comp in ("pyroxene", "olivine"):
         table = (out / "sums" / f"{comp}_100K_kappa.txt").read_text()
         assert "kappa_cm2_g" in table and (out / "sums" / f"{comp}_100K_sum.png").is_file()
     spectrum = np.loadtxt(out / "spectra" / "P1" / "100K" / "spectrum.csv", delimiter=",", skiprows=1)
-    assert np.all(np.isfinite(spectrum[:, [0, 2, 3]])) and spectrum[:, 2].max() > 0 and spectrum[:, 3].max() > 0
+    assert np.all(np.isfinite(spectrum[:, [0, 2, 3, 4]])) and spectrum[:, 2].max() > 0 and spectrum[:, 3].max() > 0
+    assert spectrum[:, 4].max() > 0 and spectrum[:, 4].min() >= 0      # the 2 dipole members differ
+    for record in summary["spectra"]:
+        assert record["committee"]["n_dipole_members"] == 2 and record["committee"]["relative_std"] > 0
     two_runs = _stderr_squares(out)
 
     # 3. more seeds: only the new trajectories run, and the standard error of the mean shrinks

@@ -39,9 +39,12 @@ def test_reply_is_the_committee_in_atomic_units(models, tmp_path):
     assert np.allclose(forces, ref.forces * units.Bohr / units.Hartree, rtol=1e-12, atol=0)
     assert np.array_equal(virial, np.zeros((3, 3)))
     x = json.loads(extras)
-    assert set(x) == {"dipole", "energy_std_per_atom", "max_force_std", "dipole_std", "uncertain", "exploded"}
+    assert set(x) == {"dipole", "dipole_members", "energy_std_per_atom", "max_force_std", "dipole_std", "uncertain",
+                      "exploded"}
     assert "uncertainty" not in x  # reserved by i-PI's committee force field
     assert np.allclose(x["dipole"], ref.dipole / units.Bohr)                       # e·Bohr
+    assert np.allclose(x["dipole_members"], ref.member_dipoles / units.Bohr)       # n_members x 3, e·Bohr
+    assert np.array(x["dipole_members"]).shape == (2, 3)
     assert x["energy_std_per_atom"] == pytest.approx(ref.energy_std_per_atom / units.Hartree)
     assert x["max_force_std"] == pytest.approx(ref.max_force_std * units.Bohr / units.Hartree)
     assert x["dipole_std"] == pytest.approx(ref.dipole_std / units.Bohr)
@@ -63,6 +66,48 @@ def test_forces_are_minus_the_energy_gradient_in_atomic_units(models):
         qm[i, a] -= h
         fd = -(pes.compute_structure(cell, qp)[0] - pes.compute_structure(cell, qm)[0]) / (2 * h)
         assert forces[i, a] == pytest.approx(fd, rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize("offset", [0, 150])
+def test_dipole_every_k_steps_computes_only_those_and_carries_the_last(models, offset):
+    """dipole_every=4: the dipole model runs on MD steps 0, 4, 8 ... only (plus the first request of a run
+    restarted between two of them); the other replies carry the last computed dipole and members, while
+    energies and forces are computed every step. step_offset: the MD step of the first request."""
+    src = cluster("pyroxene_N02_GM.xyz")
+    atoms = read(src)
+    committee = load_committee(models)
+    asked = []
+
+    def predict(positions, dipoles=True):
+        asked.append(dipoles)
+        return committee.predict(atoms.numbers, positions, dipoles=dipoles)
+
+    from driver.flagging import FlagConfig, Flagger
+
+    pes = NanosilDriver.from_predictor(predict, atoms.numbers, Flagger(FlagConfig(), atoms.numbers, "t"), str(src),
+                                       dipole_every=4, step_offset=offset)
+    rng = np.random.default_rng(3)
+    replies, frames = [], []
+    for _ in range(10):
+        pos = atoms.positions + rng.normal(scale=0.05, size=atoms.positions.shape)
+        frames.append(pos)
+        energy, forces, _, extras = pes.compute_structure(np.eye(3) * 50 / units.Bohr, pos / units.Bohr)
+        replies.append((energy, forces, json.loads(extras)))
+    steps = list(range(offset, offset + 10))
+    due = [s % 4 == 0 or s == offset for s in steps]   # offset 150: the first request has no dipole to carry
+    assert asked == due and pes.step == offset + 10 and pes.requests == 10
+    last = None
+    for step, pos, is_due, (energy, forces, x) in zip(steps, frames, due, replies):
+        ref = committee.predict(atoms.numbers, pos)
+        assert energy == pytest.approx(ref.energy / units.Hartree, rel=1e-12)      # forces: every step
+        assert np.allclose(forces, ref.forces * units.Bohr / units.Hartree, rtol=1e-12, atol=0)
+        if is_due:
+            last = ref
+        assert np.allclose(x["dipole"], last.dipole / units.Bohr, rtol=1e-12, atol=0), step
+        assert np.allclose(x["dipole_members"], last.member_dipoles / units.Bohr, rtol=1e-12, atol=0), step
+        assert x["dipole_std"] == pytest.approx(last.dipole_std / units.Bohr, rel=1e-12)
+        if not is_due:  # a carried dipole is not this step's: the geometries differ
+            assert not np.allclose(x["dipole"], ref.dipole / units.Bohr, rtol=1e-3, atol=0)
 
 
 def test_atom_count_is_checked_on_every_request(models):
@@ -121,8 +166,14 @@ if not mpi.is_leader:
     sys.exit(0)
 rng = np.random.default_rng(0)
 worst = {"energy": 0.0, "forces": 0.0, "dipole": 0.0, "e_std": 0.0, "f_std": 0.0, "mu_std": 0.0}
-for _ in range(4):
+for k in range(4):
     pos = atoms.positions + rng.normal(scale=0.05, size=atoms.positions.shape)
+    if k % 2:  # a step without the dipole members (--dipole-every): same energies and forces, no dipole
+        a, b = mpi.predict(pos, dipoles=False), committee.predict(atoms.numbers, pos)
+        assert a.dipole is None and a.dipole_std is None and a.member_dipoles.shape == (0, 3)
+        worst["energy"] = max(worst["energy"], abs(a.energy - b.energy))
+        worst["forces"] = max(worst["forces"], float(np.abs(a.forces - b.forces).max()))
+        continue
     a, b = mpi.predict(pos), committee.predict(atoms.numbers, pos)
     worst["energy"] = max(worst["energy"], abs(a.energy - b.energy))
     worst["forces"] = max(worst["forces"], float(np.abs(a.forces - b.forces).max()))

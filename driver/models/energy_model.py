@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import atomic_network
 from .gaussian_moments import GaussianMomentDescriptor
 from .geometry import Batch
 from .layers import StackedLinear
@@ -27,19 +28,29 @@ class EnergyModel(nn.Module):
         self.register_buffer("feature_std", torch.ones(n_members, 1, self.descriptor.n_features))
         self.atomic_scale = nn.Parameter(torch.ones(n_members, n_species))
 
+    def network_trainable(self) -> bool:
+        """Whether any weight of the atomic network takes a gradient (training): then autograd runs it."""
+        return any(p.requires_grad for layer in self.layers for p in layer.parameters())
+
     def features(self, batch: Batch, per_member: bool = False, fast: bool = False) -> torch.Tensor:
         return self.descriptor(batch, per_member, fast)  # (K, B, N, F)
 
     def atomic_energies(self, batch: Batch, per_member: bool = False, fast: bool = False) -> torch.Tensor:
         """(K, B, N) atomic energies in eV (without the per-species shift), zero on padding.
         ``per_member``, ``fast``: see :meth:`GaussianMomentDescriptor.forward` (B structures per member;
-        ``fast`` for inference forces only)."""
+        ``fast`` for inference forces only). With ``fast`` and frozen weights the atomic network runs as
+        :class:`~driver.models.atomic_network.InferenceNetwork` (same math, GEMM library per
+        ``NANOSIL_GEMM``)."""
         g = self.features(batch, per_member, fast)
         k, b, n, f = g.shape
-        x = ((g.reshape(k, b * n, f) - self.feature_mean) / self.feature_std)
-        for layer in self.layers[:-1]:
-            x = nn.functional.silu(layer(x))
-        out = self.layers[-1](x).reshape(k, b, n)
+        if fast and not self.network_trainable() and atomic_network.requested() != "autograd":
+            # inference: the network with its hand-written input gradient, in the fastest GEMM library
+            out = atomic_network.atomic_outputs(self, g.reshape(k, b * n, f)).reshape(k, b, n)
+        else:
+            x = ((g.reshape(k, b * n, f) - self.feature_mean) / self.feature_std)
+            for layer in self.layers[:-1]:
+                x = nn.functional.silu(layer(x))
+            out = self.layers[-1](x).reshape(k, b, n)
         species = batch.species.clamp(min=0)
         if per_member:
             species, mask = species.reshape(k, b, n), batch.mask.reshape(k, b, n)
