@@ -42,7 +42,7 @@ def settings(quick: bool, workdir: Path) -> dict:
         "workdir": str(workdir), "seed": 1,
         "structures": {name: str((DATA / f).resolve()) for name, f in CLUSTERS.items()},
         "reference": {"backend": "xtb", "workers": 2},
-        "initial_data": {"n_random": 10},
+        "initial_data": {"n_random": 10},   # the full setting overrides it
     }
     # the real loop: a dipole committee too (the test set scores dipoles), members' progress every 30 s
     train = {"committee": 3, "dipole_members": 1}
@@ -53,10 +53,13 @@ def settings(quick: bool, workdir: Path) -> dict:
                       train={**train, "epochs": 150, "patience": 40})
     else:
         common.update(temperatures=[100.0, 400.0, 800.0, 1200.0],
-                      sampling={"energy_threshold": 0.002, "max_md_ps": 5.0, "parallel_runs": 2, "mpi_ranks": 1,
+                      # dense normal-mode data first (the capacity probe of issue 12: the model learns these
+                      # minima from normal modes alone), then sampling runs that travel before they flag
+                      initial_data={"n_select": 40, "n_random": 80},
+                      sampling={"energy_threshold": 0.002, "max_md_ps": 2.0, "parallel_runs": 2, "mpi_ranks": 1,
                                 "frames_per_run": 2, "adaptive_factor": 3.0},
-                      stopping={"patience": 3, "max_iterations": 12},
-                      train={**train, "epochs": 400, "patience": 200})
+                      stopping={"patience": 3, "max_iterations": 12, "max_labels": 400},
+                      train={**train, "epochs": 500, "patience": 200})
     return common
 
 

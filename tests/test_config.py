@@ -298,3 +298,10 @@ def test_quickstart_example_parses(tmp_path):
     assert cfg.reference.workers == 2 and cfg.sampling.energy_threshold == 0.002
     assert cfg.workdir == (tmp_path / "demo_output" / "al").resolve()
     assert cfg.sampling.max_md_ps <= 2.0 and cfg.stopping.max_iterations <= 5
+
+
+def test_label_budget(folder):
+    cfg = load_config(_write(folder, "[structures]\nP1 = 'o1.xyz'\n[stopping]\nmax_labels = 400\n"))
+    assert cfg.stopping.max_labels == 400
+    with pytest.raises(ConfigError, match=r"stopping\.max_labels: must be >= 1, got 0"):
+        load_config(_write(folder, "[structures]\nP1 = 'o1.xyz'\n[stopping]\nmax_labels = 0\n"))

@@ -50,6 +50,8 @@ Layout (every section and key but ``structures`` is optional; the values shown a
     [stopping]
     patience = 3                       # iterations without a better harmonic-frequency MAE
     max_iterations = 20
+    # max_labels = 400                 # a label budget: an iteration labels at most what is left of it
+                                       # (its most uncertain frames), and the loop stops when it is spent
 
     [initial_data]                     # al_manager.learning.initial_data.InitialDataSettings
     relax = true                       # relax with the reference method first (also the start of sampling)
@@ -120,8 +122,11 @@ class StoppingRule:
 
     patience: int = 3           # iterations without a better harmonic-frequency MAE
     max_iterations: int = 20
+    max_labels: int | None = None   # stop once the dataset holds this many labels (a label budget)
 
     def __post_init__(self):
+        if self.max_labels is not None and self.max_labels < 1:
+            raise ValueError(f"max_labels must be >= 1, got {self.max_labels}")
         if self.patience < 1:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
         if self.max_iterations < 0:

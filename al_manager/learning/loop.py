@@ -273,6 +273,20 @@ class Manager:
         k = self.state.iteration
         record = self.state.iteration_record(k)
         frames = frames_as_atoms(record)
+        budget = self.config.stopping.max_labels
+        if budget is not None and frames and "budget_kept" not in record:
+            left = max(0, budget - self.n_labels())
+            if len(frames) > left:
+                # the most uncertain frames first (the measure the driver flagged them by)
+                order = sorted(range(len(frames)), key=lambda i: -_flag_measure(record["frames"][i]))
+                record["budget_kept"] = sorted(order[:left])
+                self.log(f"iteration {k}: label budget {budget}: {left} of {len(frames)} flagged frame(s) "
+                         f"labelled (the most uncertain)")
+            else:
+                record["budget_kept"] = list(range(len(frames)))
+            self.state.save()
+        if "budget_kept" in record:
+            frames = [frames[i] for i in record["budget_kept"]]
         if frames:
             origin = f"al_iter_{k:03d}"
             report = self._label(frames, origin_default=origin, source=f"iteration {k}")
@@ -373,6 +387,8 @@ class Manager:
                     f"(best {self.state['best_mae']:.2f} cm^-1 at iteration {self.state['best_iteration']})")
         elif k >= stopping.max_iterations:
             stop = f"max_iterations ({stopping.max_iterations}) reached"
+        elif stopping.max_labels is not None and int(row["labels"]) >= stopping.max_labels:
+            stop = f"max_labels: {row['labels']} labels >= the budget of {stopping.max_labels}"
         self.state["started_iteration"] = time.time()
         if stop:
             self.state["stop_reason"] = stop
@@ -497,6 +513,11 @@ def run_loop(config: "ALConfig", *, init_only: bool = False, make_initial: Calla
                 left = end_orphans(state, grace=3.0)
                 if left:
                     log(f"ended {len(left)} leftover child process(es)")
+
+
+def _flag_measure(frame: dict) -> float:
+    value = frame.get("max_force_std") if frame.get("criterion") == "force" else frame.get("energy_std_per_atom")
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 def _check_same_structures(state: State, config: "ALConfig") -> None:
