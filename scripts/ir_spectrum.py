@@ -13,19 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from al_manager.commands import spectrum as command  # noqa: E402
-from spectra.cli import OneLineParser, run_script  # noqa: E402
-
-
-def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="ir_spectrum.py", description=command.DESCRIPTION)
-    command.add_arguments(p)
-    return p
-
-
-def main(argv=None) -> int:
-    return run_script(build_parser(), command.run, argv)
-
+from spectra.cli import command_script  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command_script("ir_spectrum.py", "al_manager.commands.spectrum"))

@@ -27,6 +27,17 @@ def run_script(parser: argparse.ArgumentParser, work: Callable[[argparse.Namespa
         return 130
 
 
+def command_script(prog: str, module: str, argv: list[str] | None = None) -> int:
+    """A ``scripts/`` wrapper: the options and work of the ``nanosil`` subcommand ``module``
+    (``add_arguments``, ``run``, ``DESCRIPTION``) under the script's own name."""
+    import importlib
+
+    command = importlib.import_module(module)
+    parser = OneLineParser(prog=prog, description=command.DESCRIPTION)
+    command.add_arguments(parser)
+    return run_script(parser, command.run, argv)
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc) or exc.__class__.__name__
     if isinstance(exc, OSError) and exc.filename and exc.strerror:

@@ -105,7 +105,7 @@ class DipoleSchedule:
         self.computed = 0
 
     def due(self, step: int) -> bool:
-        return self.every == 1 or self.last is None or (step + 1) % self.every == 0
+        return self.every == 1 or self.last is None or step % self.every == 0
 
     def sample(self, prediction, step: int, computed: bool) -> DipoleSample | None:
         if computed:

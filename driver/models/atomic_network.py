@@ -1,27 +1,29 @@
-"""The atomic network of :class:`~driver.models.energy_model.EnergyModel` at inference, with a hand-written
-input-gradient backward and a choice of GEMM library.
+"""The atomic network of :class:`~driver.models.energy_model.EnergyModel` at inference: a hand-written forward
+and input gradient, and the choice of GEMM library.
 
-At inference (frozen weights, ``fast=True``) the network x -> silu(gain x W + b) -> ... -> gain h w + b is
-one autograd Function, :class:`InferenceNetwork`: its forward keeps the pre-activations, its backward is the
-chain of matmuls with SiLU's derivative (``d @ (gain W)^T`` per layer), the same math as autograd through the
-layers, with no graph and no weight gradients. Its backward is not differentiable again: training keeps its
-own path (:mod:`driver.training`), Hessians go through autograd (``fast=False``).
+At inference (frozen weights) the network x -> silu(gain x W + b) -> ... -> gain h w + b needs no autograd:
+the forward keeps the pre-activations and the input gradient is the chain of matmuls with SiLU's derivative,
+``d_l = silu'(a_l) * (d_{l+1} (gain W_{l+1})^T)`` -- the same math as autograd through the layers, without a
+graph or weight gradients. :meth:`Prepared.forward` / :meth:`Prepared.backward` are that chain;
+:class:`InferenceNetwork` wraps it as a once-differentiable autograd Function for the autograd paths (the
+PyTorch descriptor); :meth:`EnergyModel.infer <driver.models.energy_model.EnergyModel.infer>` calls it
+directly. Training keeps its own path (:mod:`driver.training`), Hessians go through autograd (``fast=False``).
 
 The four large GEMMs per member (forward and input gradient through the hidden layers) run in the library
-that ``NANOSIL_GEMM`` names:
+that the environment variable ``NANOSIL_GEMM`` names (read at every call):
 
-- ``torch``: torch's batched matmuls (MKL in the PyTorch wheels), one ``baddbmm``/``bmm`` for all K members;
-- ``mkl_packed``: MKL's packed-weight sgemm (``torch.ops.mkl._mkl_linear``, the weights reordered once per
-  row count), member by member;
-- ``openblas``: numpy's OpenBLAS (``np.matmul`` on float32, one call per member into a shared buffer), with
-  numpy's BLAS pool set to torch's thread count; float32 only (float64 models use ``torch``);
-- ``autograd``: not this Function but autograd through the layers, as for training (the reference);
-- ``auto`` (default): the fastest of these on this host, chosen once per process by timing the network's
-  GEMMs at a P10-sized shape (50 atoms, K members) in the first call; an alternative must beat ``torch`` by
-  :data:`AUTO_MARGIN` to be chosen (see :func:`chosen`).
+- ``torch``: torch's batched matmuls (MKL in the PyTorch wheels), one ``baddbmm`` / ``bmm`` for all K members,
+  the input-gradient weights stored transposed (contiguous) once;
+- ``openblas``: numpy's OpenBLAS (``np.matmul`` on float32, one call per member into one buffer), numpy's BLAS
+  pool set to torch's thread count; float32 models only (others use ``torch``). MKL takes a slow sgemm path
+  on some AMD processors, where OpenBLAS is the faster library;
+- ``autograd``: none of this: autograd through the layers, as before this module (the reference);
+- ``auto`` (default): the faster of ``torch`` and ``openblas`` on this host, chosen once per process and
+  committee size by timing both on the model's own GEMMs at P10's 50 atoms (:func:`chosen`); ``openblas``
+  must win by :data:`AUTO_MARGIN` to be chosen, so that a noisy neighbour does not flip a near tie.
 
-Every backend computes the same products in float32 and agrees with autograd through the layers to float32
-rounding (tested); which one ran is :func:`chosen`.
+Both libraries compute the same products in float32; results agree with autograd through the layers to float32
+rounding (tests/test_models.py).
 """
 from __future__ import annotations
 
@@ -32,103 +34,85 @@ import numpy as np
 import torch
 from torch import nn
 
-BACKENDS = ("torch", "mkl_packed", "openblas")
-AUTO_MARGIN = 0.10      # an alternative to torch must be this much faster (relative) to be chosen by auto
-AUTO_ATOMS = 50         # rows (atoms) of the calibration: P10
-_choice: dict[tuple, str] = {}   # auto's decision per (K, dtype), one per process
+BACKENDS = ("torch", "openblas")
+AUTO_MARGIN = 0.10      # openblas must be this much faster than torch (relative) for auto to choose it
+AUTO_ATOMS = 50         # rows (atoms) of auto's timing: P10
+_choice: dict[tuple, str] = {}       # auto's decision per (K, widths, dtype, threads), one per process
+_blas_pool = {"threads": None}
 
 
 def requested() -> str:
-    """The backend asked for by ``NANOSIL_GEMM`` (read at every call, so tests and benchmarks can switch)."""
+    """The setting of ``NANOSIL_GEMM``: auto (default), torch, openblas or autograd."""
     name = os.environ.get("NANOSIL_GEMM", "auto").strip().lower() or "auto"
     if name not in BACKENDS + ("auto", "autograd"):
         raise ValueError(f"NANOSIL_GEMM={name!r}: expected one of auto, {', '.join(BACKENDS)}, autograd")
     return name
 
 
-def _usable(backend: str, dtype: torch.dtype) -> bool:
-    if backend == "mkl_packed":
-        return dtype == torch.float32 and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
-    if backend == "openblas":
-        return dtype == torch.float32
-    return True
+def usable(backend: str, dtype: torch.dtype) -> bool:
+    return backend != "openblas" or dtype == torch.float32
 
 
-class _Prepared:
-    """A model's weights laid out for one backend (rebuilt when a weight changes: see :func:`_prepared`)."""
+def _hold_blas_threads() -> None:
+    """numpy's BLAS pool set to torch's thread count before OpenBLAS runs (OpenBLAS otherwise starts one
+    thread per core on top of the process's own). Set once, and again only when torch's count changes: a
+    limit per call (threadpoolctl's context manager) costs ~50 us. Without threadpoolctl,
+    ``OPENBLAS_NUM_THREADS`` governs."""
+    n = torch.get_num_threads()
+    if _blas_pool["threads"] != n:
+        try:
+            from threadpoolctl import threadpool_limits
+            threadpool_limits(limits=n, user_api="blas")
+        except ImportError:
+            pass
+        _blas_pool["threads"] = n
+
+
+class Prepared:
+    """A model's network laid out for one backend; built by :func:`prepared`, which rebuilds it when a weight
+    changes."""
 
     def __init__(self, model: nn.Module, backend: str):
-        layers = model.layers
+        hidden, last = model.layers[:-1], model.layers[-1]
         self.backend = backend
+        self.k = last.weight.shape[0]
         self.mean, self.std = model.feature_mean, model.feature_std
-        hidden = layers[:-1]
-        self.k = layers[0].weight.shape[0]
-        # forward: a = gain x W + b; input gradient: d_x = d_a (gain W)^T
-        self.w = [layer.weight for layer in hidden]
-        self.b = [layer.bias for layer in hidden]
+        self.w = [layer.weight for layer in hidden]                              # (K, n_in, n_out)
+        self.b = [layer.bias for layer in hidden]                                # (K, 1, n_out)
         self.gain = [layer.gain for layer in hidden]
         self.w_back = [(layer.weight * layer.gain).transpose(1, 2).contiguous() for layer in hidden]
-        last = layers[-1]
         self.w_out, self.b_out, self.gain_out = last.weight, last.bias, last.gain
-        self.u_out = (last.weight * last.gain).transpose(1, 2)              # (K, 1, n_last): dO/dh_last
-        if backend == "mkl_packed":
-            # torch.nn.functional.linear convention: y = x A^T, A (n_out, n_in)
-            self.fwd_lin = [[(layer.weight[k] * layer.gain).t().contiguous() for k in range(self.k)]
-                            for layer in hidden]
-            self.back_lin = [[(layer.weight[k] * layer.gain).contiguous() for k in range(self.k)]
-                             for layer in hidden]
-            self.bias2d = [[layer.bias[k, 0].contiguous() for k in range(self.k)] for layer in hidden]
-            self.packed: dict[int, tuple] = {}
+        self.u_out = (last.weight * last.gain).transpose(1, 2)                  # (K, 1, n_last): dO/dh_last
         if backend == "openblas":
-            self.np_fwd = [(layer.weight * layer.gain).detach().numpy() for layer in hidden]     # (K, n_in, n_out)
-            self.np_back = [w.detach().numpy() for w in self.w_back]                           # (K, n_out, n_in)
+            self.np_w = [(layer.weight * layer.gain).numpy() for layer in hidden]  # gain folded in
+            self.np_back = [w.numpy() for w in self.w_back]
 
-    def packs(self, m: int):
-        """MKL's packed weights for ``m`` rows (cached; MKL falls back to plain sgemm for other row counts)."""
-        if m not in self.packed:
-            if len(self.packed) >= 8:
-                self.packed.pop(next(iter(self.packed)))
-            reorder = torch.ops.mkl._mkl_reorder_linear_weight
-            self.packed[m] = ([[reorder(a, m) for a in per] for per in self.fwd_lin],
-                              [[reorder(a, m) for a in per] for per in self.back_lin])
-        return self.packed[m]
-
-    # ------------------------------------------------------------ the hidden layers' GEMMs, by backend
-    def linear(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """gain x W + b for all members, x (K, M, n_in)."""
-        if self.backend == "torch":
-            return torch.baddbmm(self.b[layer], x, self.w[layer], alpha=self.gain[layer])
-        if self.backend == "mkl_packed":
-            m = x.shape[1]
-            fwd, _ = self.packs(m)
-            return torch.stack([torch.ops.mkl._mkl_linear(x[k], fwd[layer][k], self.fwd_lin[layer][k],
-                                                          self.bias2d[layer][k], m) for k in range(self.k)])
-        xn = x.detach().numpy()
-        w = self.np_fwd[layer]
+    # ------------------------------------------------------------ the hidden layers' GEMMs
+    def _matmul_np(self, x: torch.Tensor, w: np.ndarray) -> torch.Tensor:
+        xn = x.numpy()
         out = np.empty((self.k, x.shape[1], w.shape[2]), dtype=np.float32)
         for k in range(self.k):
             np.matmul(xn[k], w[k], out=out[k])
-        return torch.from_numpy(out).add_(self.b[layer])
-
-    def linear_back(self, layer: int, d: torch.Tensor) -> torch.Tensor:
-        """d (gain W)^T for all members, d (K, M, n_out)."""
-        if self.backend == "torch":
-            return torch.bmm(d, self.w_back[layer])
-        if self.backend == "mkl_packed":
-            m = d.shape[1]
-            _, back = self.packs(m)
-            return torch.stack([torch.ops.mkl._mkl_linear(d[k], back[layer][k], self.back_lin[layer][k], None, m)
-                                for k in range(self.k)])
-        dn = d.detach().numpy()
-        w = self.np_back[layer]
-        out = np.empty((self.k, d.shape[1], w.shape[2]), dtype=np.float32)
-        for k in range(self.k):
-            np.matmul(dn[k], w[k], out=out[k])
         return torch.from_numpy(out)
 
+    def linear(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """gain x W + b, x (K, M, n_in) -> (K, M, n_out)."""
+        if self.backend == "openblas":
+            return self._matmul_np(x, self.np_w[layer]).add_(self.b[layer])
+        return torch.baddbmm(self.b[layer], x, self.w[layer], alpha=self.gain[layer])
+
+    def linear_back(self, layer: int, d: torch.Tensor) -> torch.Tensor:
+        """d (gain W)^T, d (K, M, n_out) -> (K, M, n_in)."""
+        if self.backend == "openblas":
+            return self._matmul_np(d, self.np_back[layer])
+        return torch.bmm(d, self.w_back[layer])
+
     # ------------------------------------------------------------ the network
-    def forward(self, g: torch.Tensor, keep: bool):
-        """Atomic outputs (K, M) from the raw features g (K, M, F); the pre-activations when ``keep``."""
+    def forward(self, g: torch.Tensor, keep: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Atomic outputs (K, M) from the raw features g (K, M, F), and the pre-activations when ``keep``
+        (for :meth:`backward`). No autograd: call under ``torch.no_grad()`` or from a Function."""
+        if self.backend == "openblas":
+            _hold_blas_threads()
         x = (g - self.mean) / self.std
         pre = []
         for layer in range(len(self.w)):
@@ -136,115 +120,102 @@ class _Prepared:
             if keep:
                 pre.append(a)
             x = nn.functional.silu(a)
-        out = torch.baddbmm(self.b_out, x, self.w_out, alpha=self.gain_out)[..., 0]
-        return out, pre
+        return torch.baddbmm(self.b_out, x, self.w_out, alpha=self.gain_out)[..., 0], pre
 
     def backward(self, grad_out: torch.Tensor, pre: list[torch.Tensor]) -> torch.Tensor:
-        """dL/dg (K, M, F) from dL/dout (K, M)."""
+        """dL/dg (K, M, F) from dL/dout (K, M) and the forward's pre-activations."""
+        if self.backend == "openblas":
+            _hold_blas_threads()
         d = grad_out[..., None] * self.u_out                                  # (K, M, n_last)
         for layer in range(len(self.w) - 1, -1, -1):
             d = self.linear_back(layer, torch.ops.aten.silu_backward(d, pre[layer]))
         return d / self.std
 
+    def gemms(self, x: torch.Tensor, d: list[torch.Tensor]) -> None:
+        """The hidden layers' GEMMs alone, forward from x (K, M, n_in) and input gradient from d[l]
+        (K, M, n_out of layer l): what :func:`calibrate` and bench/model_speed.py time."""
+        if self.backend == "openblas":
+            _hold_blas_threads()
+        for layer in range(len(self.w)):
+            x = self.linear(layer, x)
+        for layer in range(len(self.w) - 1, -1, -1):
+            self.linear_back(layer, d[layer])
+
 
 def _key(model: nn.Module) -> tuple:
-    tensors = [t for layer in model.layers for t in (layer.weight, layer.bias)] + [model.feature_mean,
-                                                                                  model.feature_std]
+    tensors = [t for layer in model.layers for t in (layer.weight, layer.bias)]
+    tensors += [model.feature_mean, model.feature_std]
     return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
 
 
-def _prepared(model: nn.Module, backend: str) -> _Prepared:
-    """The model's weights for ``backend``, cached on the model and rebuilt when any of them changes
-    (in-place update, ``load_state_dict``, ``.to(dtype)``)."""
+def prepared(model: nn.Module, backend: str | None = None) -> Prepared:
+    """``model``'s network for ``backend`` (default :func:`chosen`), cached on the model and rebuilt when any
+    weight changes (in-place update, ``load_state_dict``, ``.to(dtype)``)."""
+    backend = backend or chosen(model)
     cache = model.__dict__.setdefault("_inference_network", {})
     key = _key(model)
     entry = cache.get(backend)
     if entry is None or entry[0] != key:
         with torch.no_grad():
-            entry = (key, _Prepared(model, backend))
+            entry = (key, Prepared(model, backend))
         cache[backend] = entry
     return entry[1]
 
 
-def _time_backend(prep: _Prepared, g: torch.Tensor, d: torch.Tensor, repeat: int) -> float:
-    """Best of ``repeat`` timings (s) of the hidden layers' GEMMs, forward and input gradient."""
-    best = float("inf")
-    if prep.backend == "openblas":
-        _hold_blas_threads()
-    with torch.no_grad():
-        for _ in range(repeat):
-            t = time.perf_counter()
-            x = g
-            for layer in range(len(prep.w)):
-                x = prep.linear(layer, x)
-            for layer in range(len(prep.w) - 1, -1, -1):
-                d_in = prep.linear_back(layer, d[layer])
-            best = min(best, time.perf_counter() - t)
-    return best
-
-
-def calibrate(model: nn.Module, atoms: int = AUTO_ATOMS, repeat: int = 7) -> dict[str, float]:
-    """Seconds of each usable backend's GEMMs for ``model`` at ``atoms`` rows (best of ``repeat``, interleaved
-    so that a busy neighbour slows all alike)."""
+def gemm_inputs(model: nn.Module, atoms: int, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Random inputs of :meth:`Prepared.gemms` for ``atoms`` rows of each member."""
+    gen = torch.Generator().manual_seed(seed)
     dtype = model.layers[0].weight.dtype
-    k = model.layers[0].weight.shape[0]
-    widths = [layer.weight.shape[1] for layer in model.layers[:-1]]
-    gen = torch.Generator().manual_seed(0)
-    g = torch.randn(k, atoms, widths[0], generator=gen, dtype=dtype)
+    k, n_in = model.layers[0].weight.shape[:2]
+    x = torch.randn(k, atoms, n_in, generator=gen, dtype=dtype)
     d = [torch.randn(k, atoms, layer.weight.shape[2], generator=gen, dtype=dtype) for layer in model.layers[:-1]]
-    preps = {b: _prepared(model, b) for b in BACKENDS if _usable(b, dtype)}
+    return x, d
+
+
+def calibrate(model: nn.Module, atoms: int = AUTO_ATOMS, rounds: int = 3, repeat: int = 3) -> dict[str, float]:
+    """Seconds of each usable backend's GEMMs (:meth:`Prepared.gemms`) for ``model`` at ``atoms`` rows: the
+    best of ``rounds`` x ``repeat`` calls, the backends taking turns round by round (a busy neighbour slows
+    them alike), after one warm-up call each."""
+    dtype = model.layers[0].weight.dtype
+    x, d = gemm_inputs(model, atoms)
+    preps = {b: prepared(model, b) for b in BACKENDS if usable(b, dtype)}
     times = {b: float("inf") for b in preps}
-    for _ in range(3):  # rounds: one warm-up call each, then the timed calls
-        for b, prep in preps.items():
-            _time_backend(prep, g, d, 1)
-            times[b] = min(times[b], _time_backend(prep, g, d, max(1, repeat // 3)))
+    with torch.no_grad():
+        for prep in preps.values():
+            prep.gemms(x, d)
+        for _ in range(rounds):
+            for b, prep in preps.items():
+                for _ in range(repeat):
+                    t = time.perf_counter()
+                    prep.gemms(x, d)
+                    times[b] = min(times[b], time.perf_counter() - t)
     return times
 
 
 def chosen(model: nn.Module) -> str:
-    """The backend the model's inference network uses now (``NANOSIL_GEMM``, or auto's choice)."""
+    """The backend the model's inference network runs in now: ``NANOSIL_GEMM``, or auto's choice (timed on
+    the first call for each committee size, widths, dtype and thread count)."""
     name = requested()
     dtype = model.layers[0].weight.dtype
-    if name == "autograd":
+    if name in ("torch", "autograd"):
         return name
-    if name != "auto":
-        return name if _usable(name, dtype) else "torch"
-    key = (model.layers[0].weight.shape[0], dtype)
+    if name == "openblas":
+        return name if usable(name, dtype) else "torch"
+    if not usable("openblas", dtype):
+        return "torch"
+    key = (tuple(tuple(layer.weight.shape) for layer in model.layers), dtype, torch.get_num_threads())
     if key not in _choice:
         times = calibrate(model)
-        best = min(times, key=times.get)
-        _choice[key] = best if times[best] < (1 - AUTO_MARGIN) * times["torch"] else "torch"
+        _choice[key] = "openblas" if times["openblas"] < (1 - AUTO_MARGIN) * times["torch"] else "torch"
     return _choice[key]
 
 
-_blas_pool = {"threads": None}
-
-
-def _hold_blas_threads() -> None:
-    """numpy's BLAS pool set to torch's thread count before the OpenBLAS backend runs (OpenBLAS otherwise
-    starts one thread per core on top of the process's own). Set once, and again only when torch's count
-    changes: a per-call limit (threadpoolctl's context) costs ~50 us. Without threadpoolctl,
-    ``OPENBLAS_NUM_THREADS`` governs."""
-    n = torch.get_num_threads()
-    if _blas_pool["threads"] == n:
-        return
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        _blas_pool["threads"] = n
-        return
-    threadpool_limits(limits=n, user_api="blas")
-    _blas_pool["threads"] = n
-
-
 class InferenceNetwork(torch.autograd.Function):
-    """Atomic outputs (K, M) of the network from raw features g (K, M, F), with the input gradient as its
-    backward (once-differentiable)."""
+    """Atomic outputs (K, M) from raw features g (K, M, F) with the hand-written input gradient as backward
+    (once-differentiable: no Hessians through it)."""
 
     @staticmethod
     def forward(ctx, g, prep):
-        if prep.backend == "openblas":
-            _hold_blas_threads()
         out, pre = prep.forward(g, ctx.needs_input_grad[0])
         ctx.prep, ctx.pre = prep, pre
         return out
@@ -257,8 +228,6 @@ class InferenceNetwork(torch.autograd.Function):
         return grad, None
 
 
-def atomic_outputs(model: nn.Module, g: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """(K, M) outputs of ``model``'s atomic network for raw features g (K, M, F), through the inference
-    network in ``backend`` (default: :func:`chosen`)."""
-    prep = _prepared(model, backend or chosen(model))
-    return InferenceNetwork.apply(g.contiguous(), prep)
+def atomic_outputs(model: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    """(K, M) outputs of ``model``'s atomic network for raw features g (K, M, F), differentiable in g."""
+    return InferenceNetwork.apply(g.contiguous(), prepared(model))

@@ -6,10 +6,11 @@ absolute energies of these clusters are ~ -4e4 eV, beyond float32's resolution.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-from . import atomic_network
+from . import atomic_network, fast_kernels
 from .gaussian_moments import GaussianMomentDescriptor
 from .geometry import Batch
 from .layers import StackedLinear
@@ -62,6 +63,43 @@ class EnergyModel(nn.Module):
     def forward(self, batch: Batch, per_member: bool = False, fast: bool = False) -> torch.Tensor:
         """(K, B) total energies in eV (without shifts)."""
         return self.atomic_energies(batch, per_member, fast).sum(-1)
+
+    # ------------------------------------------------------------ inference without autograd
+    def can_infer(self) -> bool:
+        """Whether :meth:`infer` runs: the compiled descriptor is built, no weight takes a gradient, and
+        ``NANOSIL_GEMM`` is not ``autograd``."""
+        return (fast_kernels.AVAILABLE and not self.descriptor.coefficients.requires_grad
+                and not self.network_trainable() and atomic_network.requested() != "autograd")
+
+    @torch.no_grad()
+    def infer(self, species, positions, replicas: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Energies and their position gradients at inference, without autograd: the compiled descriptor
+        (:func:`~driver.models.fast_kernels.features`), the network and its input gradient
+        (:class:`~driver.models.atomic_network.Prepared`), the descriptor's backward -- the same math as
+        ``forward(batch, fast=True)`` and autograd, a few graph nodes' and conversions' cost cheaper.
+
+        ``species`` (B, N) indices, -1 for padding; ``positions`` (B, N, 3) Å, rounded to the model's dtype as
+        the autograd paths do. Returns the (K, B) energies (eV, without shifts) and, unless ``replicas`` is
+        None, dE/dr (R, B, N, 3): member k's own in row k for ``replicas`` = K, that of the members' sum for 1;
+        both float64. Only where :meth:`can_infer`."""
+        dtype = self.atomic_scale.dtype
+        pos = np.ascontiguousarray(torch.as_tensor(positions, dtype=dtype).numpy(), dtype=np.float64)
+        z = np.ascontiguousarray(np.asarray(species), dtype=np.int64)
+        desc = self.descriptor
+        coefficients, centres = fast_kernels.coefficients(desc)
+        feats, saved = fast_kernels.features(pos, z, coefficients, centres, desc.basis.beta, desc.cutoff,
+                                             desc.n_features)
+        k, b, n, f = feats.shape
+        net = atomic_network.prepared(self)
+        out, pre = net.forward(torch.from_numpy(feats).reshape(k, b * n, f).to(dtype), replicas is not None)
+        zt = torch.from_numpy(z)
+        scale = self.atomic_scale[:, zt.clamp(min=0)] * (zt >= 0)                  # (K, B, N)
+        energies = (out.reshape(k, b, n) * scale).sum(-1).double().numpy()
+        if replicas is None:
+            return energies, None
+        d_feats = net.backward(scale.reshape(k, b * n), pre)                       # (K, B*N, F)
+        grad = np.ascontiguousarray(d_feats.numpy(), dtype=np.float64).reshape(k, b, n, f)
+        return energies, fast_kernels.features_backward(saved, grad, replicas)
 
     @torch.no_grad()
     def fit_normalisation(self, batches: list[Batch]) -> None:
