@@ -3,8 +3,8 @@
  *
  *     gcc -O3 -mavx2 -mfma fma_peak.c -o fma_peak && ./fma_peak [seconds]
  *
- * prints one line per instruction set, "avx2 <GFLOP/s>" and "avx512 <GFLOP/s>", the best of several short
- * runs (a run that shared the core with another process is slower, never faster).
+ * prints one line per instruction set, "avx2 <GFLOP/s>" and "avx512 <GFLOP/s>", the best of many ~1 ms runs
+ * for [seconds] each (a run that shared the core with another process is slower, never faster).
  *
  * 12 accumulators cover an FMA latency of 4-6 cycles on two FMA ports (latency x ports <= 12), so the
  * loop is bound by FMA throughput alone; each FMA is 2 FLOPs per lane (8 lanes ymm, 16 zmm).
@@ -70,15 +70,17 @@ __attribute__((target("avx512f"), noinline)) static double run_avx512(long iters
 }
 
 static double best(double (*run)(long), double seconds) {
-    long iters = 1000000;
-    while (1) {  /* calibrate: one run of about seconds / 10 */
+    /* Many short runs (~1 ms each, within one scheduler time slice) and the fastest of them: on a shared
+     * machine a long run is always cut by other processes, a short one often is not. */
+    long iters = 1000;
+    while (1) {
         double t = now();
         run(iters);
-        if (now() - t > seconds / 10 || iters > (1L << 40)) break;
+        if (now() - t > 1e-3 || iters > (1L << 40)) break;
         iters *= 2;
     }
-    double top = 0;
-    for (int r = 0; r < 10; r++) {
+    double top = 0, start = now();
+    for (int r = 0; r < 20 || now() - start < seconds; r++) {
         double g = run(iters);
         if (g > top) top = g;
     }

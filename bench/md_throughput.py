@@ -64,7 +64,7 @@ def ipi_with_zero_driver(structure: Path, steps: int, workdir: Path) -> float:
     xml = render_input("production_nvt", workdir, socket=f"unix:{name}", structure=structure, temperature=300,
                        seed=1, steps=steps, prefix="zero")
     stamps = []
-    extras = '{"dipole": [0.0, 0.0, 0.0], "uncertain": false}'
+    extras = '{"dipole": [0.0, 0.0, 0.0], "dipole_members": [[0.0, 0.0, 0.0]], "uncertain": false}'
 
     def zero(cell, pos):
         stamps.append(time.perf_counter())

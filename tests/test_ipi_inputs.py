@@ -144,6 +144,10 @@ def test_keep_velocities_removes_translation_and_rotation_only(tmp_path):
 
 
 # ---------------------------------------------------------------------------- real i-PI runs
+# the extras every production template writes: the dipole and the dipole members (e·Bohr)
+EXTRAS = '{"dipole": [0, 0, 0], "dipole_members": [[0, 0, 0], [0, 0, 0]]}'
+
+
 class SpringNetwork:
     """Harmonic springs between all atom pairs at their start lengths (eV, Å): a rotation-invariant
     potential whose equipartition is exact, served in i-PI's atomic units."""
@@ -163,7 +167,7 @@ class SpringNetwork:
         energy = 0.25 * self.k * np.sum(stretch**2)  # each pair counted twice
         forces = -self.k * np.sum((stretch / r)[:, :, None] * d, axis=1)
         self.energies.append(energy)
-        return energy / units.Hartree, forces / (units.Hartree / units.Bohr), np.zeros((3, 3)), '{"dipole": [0, 0, 0]}'
+        return energy / units.Hartree, forces / (units.Hartree / units.Bohr), np.zeros((3, 3)), EXTRAS
 
 
 def run_ipi(xml: Path, pes, name: str) -> int:
@@ -247,3 +251,6 @@ def test_nvt_then_nve_from_checkpoint_with_real_ipi(tmp_path):
     assert np.ptp(conserved) < 1e-3 * nve["kinetic_md"].mean()
     rows = [line for line in (tmp_path / "nve.dipole_0").read_text().splitlines() if not line.startswith(" #")]
     assert len(rows) == nve_steps + 1
+    members = [line for line in (tmp_path / "nve.dipole_members_0").read_text().splitlines()
+               if not line.startswith(" #")]
+    assert len(members) == 2 * (nve_steps + 1)   # one row per member and step (dipole stride 1 by default)

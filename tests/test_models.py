@@ -205,3 +205,111 @@ def test_fast_inference_path_equals_plain_autograd(committee, p2, kernels, monke
     psi = torch.einsum("kbiqs,biqm->kbism", c, m)
     reference = invariants_cartesian(psi[..., SYMMETRIC_TO_FULL], d.index)
     torch.testing.assert_close(d(batch), reference, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("gemm", ["torch", "openblas"])
+def test_inference_network_equals_autograd_in_float32(small_config, p2, gemm, monkeypatch):
+    """The inference path (the network's hand-written input gradient, in either GEMM library, and no autograd
+    where the compiled descriptor is built) gives autograd's energies, per-member and mean forces to float32
+    rounding, one cluster and a padded batch of two; the paper-size network included."""
+    from driver.models import atomic_network
+    from driver.models.committee import ModelConfig
+
+    p1 = read(shared_file("structures", "olivine_N01_GM.xyz"))
+    for config in (small_config, ModelConfig()):
+        c = build_committee(config, n_members=3, n_dipole=0, seed=3)            # float32, as in production
+        outputs = {}
+        for mode in ("autograd", gemm):
+            monkeypatch.setenv("NANOSIL_GEMM", mode)
+            assert atomic_network.chosen(c.energy_model) == mode
+            outputs[mode] = (c.member_outputs(p2.numbers, p2.positions, dipoles=False),
+                             c.member_outputs(p2.numbers, p2.positions, member_forces=False, dipoles=False),
+                             c.subset([1], []).member_outputs(p2.numbers, p2.positions, dipoles=False),
+                             c.predict_batch([p1.numbers, p2.numbers], [p1.positions, p2.positions], dipoles=False),
+                             c.member_outputs(p2.numbers, p2.positions, forces=False, dipoles=False))
+        (ref, ref_mean, ref_one, ref_batch, ref_e), (new, new_mean, new_one, new_batch, new_e) = outputs.values()
+        scale = np.abs(ref.forces).max()
+        for a, b in ((ref, new), (ref_one, new_one), (ref_e, new_e)):
+            np.testing.assert_allclose(b.energies, a.energies, rtol=1e-6, atol=1e-5)
+        for a, b in ((ref.forces, new.forces), (ref_mean.mean_forces, new_mean.mean_forces),
+                     (ref_one.forces, new_one.forces)):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * scale)
+        assert new_e.forces is None and new_e.mean_forces is None
+        for a, b in zip(ref_batch, new_batch):
+            np.testing.assert_allclose(b.member_energies, a.member_energies, rtol=1e-6, atol=1e-5)
+            np.testing.assert_allclose(b.member_forces, a.member_forces, rtol=1e-5, atol=1e-6 * scale)
+        np.testing.assert_allclose(new_batch[1].member_forces, new.forces, rtol=1e-5, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("gemm", ["torch", "openblas"])
+def test_inference_network_function_equals_autograd(small_config, p2, gemm, monkeypatch):
+    """The autograd Function of the inference network (the PyTorch-descriptor path, ``fast=True``) gives
+    autograd's energies and input gradient; float64 models run it in torch whatever is asked."""
+    from driver.models import atomic_network
+    from driver.models.geometry import make_batch
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        c = build_committee(small_config, n_members=2, n_dipole=0, seed=5).to(dtype)
+        model = c.energy_model
+        monkeypatch.setenv("NANOSIL_GEMM", gemm)
+        assert atomic_network.chosen(model) == (gemm if dtype == torch.float32 else "torch")
+        batch = make_batch([c.species_index(p2.numbers)], [p2.positions], dtype=dtype)
+        g = model.features(batch).reshape(2, len(p2), -1).detach().requires_grad_(True)
+        out = atomic_network.atomic_outputs(model, g)
+        cotangent = torch.randn_like(out)
+        (grad,) = torch.autograd.grad((out * cotangent).sum(), g)
+        x = (g - model.feature_mean) / model.feature_std
+        for layer in model.layers[:-1]:
+            x = torch.nn.functional.silu(layer(x))
+        ref = model.layers[-1](x)[..., 0]
+        (ref_grad,) = torch.autograd.grad((ref * cotangent).sum(), g)
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(grad, ref_grad, rtol=tol, atol=tol * ref_grad.abs().max().item())
+
+
+def test_inference_network_follows_the_weights_and_leaves_training_to_autograd(small_config, p2, monkeypatch):
+    """The prepared weights are rebuilt when a weight changes in place; a model whose weights take gradients
+    (training) runs autograd through its layers even with ``fast=True``, and its weights get gradients."""
+    from driver.models.geometry import make_batch
+
+    monkeypatch.setenv("NANOSIL_GEMM", "torch")
+    c = build_committee(small_config, n_members=1, n_dipole=0, seed=6)
+    before = c.member_outputs(p2.numbers, p2.positions, dipoles=False)
+    with torch.no_grad():
+        c.energy_model.layers[1].weight.mul_(1.5)
+    after = c.member_outputs(p2.numbers, p2.positions, dipoles=False)
+    monkeypatch.setenv("NANOSIL_GEMM", "autograd")
+    ref = c.member_outputs(p2.numbers, p2.positions, dipoles=False)
+    assert not np.allclose(after.energies, before.energies)
+    np.testing.assert_allclose(after.energies, ref.energies, rtol=1e-6)
+    np.testing.assert_allclose(after.forces, ref.forces, rtol=1e-5, atol=1e-6)
+
+    monkeypatch.setenv("NANOSIL_GEMM", "torch")
+    model = c.energy_model.train().requires_grad_(True)
+    assert model.network_trainable() and not model.can_infer()
+    batch = make_batch([c.species_index(p2.numbers)], [p2.positions])
+    positions = batch.positions.requires_grad_(True)
+    energy = model(batch, fast=True).sum()
+    (force,) = torch.autograd.grad(energy, positions, create_graph=True)
+    (force ** 2).sum().backward()  # the force loss of training: second derivatives through the layers
+    assert all(layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0 for layer in model.layers)
+
+
+def test_gemm_auto_prefers_torch_unless_openblas_is_clearly_faster(small_config, monkeypatch):
+    from driver.models import atomic_network
+
+    model = build_committee(small_config, n_members=2, n_dipole=0, seed=7).energy_model
+    calibrate = atomic_network.calibrate
+    monkeypatch.setenv("NANOSIL_GEMM", "auto")
+    for times, expected in (({"torch": 1.0, "openblas": 0.95}, "torch"),
+                            ({"torch": 1.0, "openblas": 0.7}, "openblas"),
+                            ({"torch": 1.0, "openblas": 1.3}, "torch")):
+        monkeypatch.setattr(atomic_network, "_choice", {})
+        monkeypatch.setattr(atomic_network, "calibrate", lambda m, times=times: times)
+        assert atomic_network.chosen(model) == expected
+    assert atomic_network.chosen(model.double()) == "torch"  # OpenBLAS is float32 only
+    monkeypatch.setenv("NANOSIL_GEMM", "mkl")
+    with pytest.raises(ValueError, match="NANOSIL_GEMM='mkl'"):
+        atomic_network.requested()
+    times = calibrate(model.float(), atoms=8, rounds=1, repeat=1)  # the real timing runs
+    assert set(times) == {"torch", "openblas"} and all(t > 0 for t in times.values())

@@ -196,8 +196,9 @@ class TrajectoryRun:
 
     def _cut_back(self, folder: Path, step: int) -> bool:
         """Cut every output back to ``step`` so the restarted i-PI appends seamlessly."""
-        if not all([cut_dipoles(folder / name, step, self.dipole_stride) for name in DIPOLE_FILES]):
-            return False  # (a list: both files are checked and cut; a phase that fails starts afresh)
+        for name in DIPOLE_FILES:  # the dipole and the members files, alike
+            if not cut_dipoles(folder / name, step, self.dipole_stride):
+                return False       # a gap or a torn frame: the phase starts afresh
         cut_rows(folder / f"{PREFIX}.out", lambda s: s <= step)
         cut_xyz(folder / f"{PREFIX}.pos_0.xyz", step)
         cut_rows(folder / "uncertainty.csv", lambda s: s < step)  # step `step` is evaluated again

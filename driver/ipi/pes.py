@@ -66,7 +66,7 @@ class NonFinitePositions(ValueError):
 
 def check_positions(positions: np.ndarray, step: int, source: str) -> None:
     """Refuse non-finite positions before they reach the model (whose C descriptor would only see two
-    replicas that differ). ``step``: the request index (0 = i-PI's first configuration)."""
+    replicas that differ). ``step``: the MD step (0 = i-PI's first configuration)."""
     bad = ~np.isfinite(positions).all(axis=1)
     if bad.any():
         atoms = np.flatnonzero(bad)

@@ -62,10 +62,20 @@ def _hold_blas_threads() -> None:
     if _blas_pool["threads"] != n:
         try:
             from threadpoolctl import threadpool_limits
-            threadpool_limits(limits=n, user_api="blas")
         except ImportError:
             pass
+        else:
+            limiter = threadpool_limits(limits=n, user_api="blas")
+            _blas_pool.setdefault("limiter", limiter)  # the first one knows the original limits
         _blas_pool["threads"] = n
+
+
+def _release_blas_threads() -> None:
+    """Undo :func:`_hold_blas_threads` (numpy's BLAS pool back to what it was before)."""
+    limiter = _blas_pool.pop("limiter", None)
+    if limiter is not None:
+        limiter.restore_original_limits()
+    _blas_pool["threads"] = None
 
 
 class Prepared:
@@ -78,10 +88,16 @@ class Prepared:
         self.k = last.weight.shape[0]
         self.mean, self.std = model.feature_mean, model.feature_std
         self.w = [layer.weight for layer in hidden]                              # (K, n_in, n_out)
-        self.b = [layer.bias for layer in hidden]                                # (K, 1, n_out)
+        self.b = [layer.bias if layer.bias is not None else layer.weight.new_zeros(self.k, 1, layer.weight.shape[2])
+                  for layer in hidden]                                           # (K, 1, n_out)
         self.gain = [layer.gain for layer in hidden]
-        self.w_back = [(layer.weight * layer.gain).transpose(1, 2).contiguous() for layer in hidden]
-        self.w_out, self.b_out, self.gain_out = last.weight, last.bias, last.gain
+        # the input gradient's weights, transposed once; the first layer's also take the features' 1/std
+        # (d_g = d_a (gain W)^T / std), which saves a pass over the features
+        back = [layer.weight * layer.gain for layer in hidden]
+        back[0] = back[0] / model.feature_std.transpose(1, 2)
+        self.w_back = [w.transpose(1, 2).contiguous() for w in back]
+        self.w_out, self.gain_out = last.weight, last.gain
+        self.b_out = last.bias if last.bias is not None else last.weight.new_zeros(self.k, 1, 1)
         self.u_out = (last.weight * last.gain).transpose(1, 2)                  # (K, 1, n_last): dO/dh_last
         if backend == "openblas":
             self.np_w = [(layer.weight * layer.gain).numpy() for layer in hidden]  # gain folded in
@@ -129,7 +145,7 @@ class Prepared:
         d = grad_out[..., None] * self.u_out                                  # (K, M, n_last)
         for layer in range(len(self.w) - 1, -1, -1):
             d = self.linear_back(layer, torch.ops.aten.silu_backward(d, pre[layer]))
-        return d / self.std
+        return d                                                              # 1/std is in w_back[0]
 
     def gemms(self, x: torch.Tensor, d: list[torch.Tensor]) -> None:
         """The hidden layers' GEMMs alone, forward from x (K, M, n_in) and input gradient from d[l]
@@ -143,16 +159,22 @@ class Prepared:
 
 
 def _key(model: nn.Module) -> tuple:
-    tensors = [t for layer in model.layers for t in (layer.weight, layer.bias)]
+    tensors = [t for layer in model.layers for t in (layer.weight, layer.bias) if t is not None]
     tensors += [model.feature_mean, model.feature_std]
-    return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+    return tuple((t.data_ptr(), t._version) for t in tensors)   # a new dtype is a new data pointer
 
 
 def prepared(model: nn.Module, backend: str | None = None) -> Prepared:
     """``model``'s network for ``backend`` (default :func:`chosen`), cached on the model and rebuilt when any
     weight changes (in-place update, ``load_state_dict``, ``.to(dtype)``)."""
-    backend = backend or chosen(model)
     cache = model.__dict__.setdefault("_inference_network", {})
+    if backend is None:
+        setting = (os.environ.get("NANOSIL_GEMM"), model.layers[0].weight.dtype, torch.get_num_threads())
+        last = cache.get("chosen")
+        if last is None or last[0] != setting:
+            last = (setting, chosen(model))
+            cache["chosen"] = last
+        backend = last[1]
     key = _key(model)
     entry = cache.get(backend)
     if entry is None or entry[0] != key:
@@ -180,15 +202,18 @@ def calibrate(model: nn.Module, atoms: int = AUTO_ATOMS, rounds: int = 3, repeat
     x, d = gemm_inputs(model, atoms)
     preps = {b: prepared(model, b) for b in BACKENDS if usable(b, dtype)}
     times = {b: float("inf") for b in preps}
-    with torch.no_grad():
-        for prep in preps.values():
-            prep.gemms(x, d)
-        for _ in range(rounds):
-            for b, prep in preps.items():
-                for _ in range(repeat):
-                    t = time.perf_counter()
-                    prep.gemms(x, d)
-                    times[b] = min(times[b], time.perf_counter() - t)
+    try:
+        with torch.no_grad():
+            for prep in preps.values():
+                prep.gemms(x, d)
+            for _ in range(rounds):
+                for b, prep in preps.items():
+                    for _ in range(repeat):
+                        t = time.perf_counter()
+                        prep.gemms(x, d)
+                        times[b] = min(times[b], time.perf_counter() - t)
+    finally:
+        _release_blas_threads()  # timing OpenBLAS leaves numpy's pool as it found it
     return times
 
 

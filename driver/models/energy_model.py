@@ -31,7 +31,7 @@ class EnergyModel(nn.Module):
 
     def network_trainable(self) -> bool:
         """Whether any weight of the atomic network takes a gradient (training): then autograd runs it."""
-        return any(p.requires_grad for layer in self.layers for p in layer.parameters())
+        return any(t is not None and t.requires_grad for layer in self.layers for t in (layer.weight, layer.bias))
 
     def features(self, batch: Batch, per_member: bool = False, fast: bool = False) -> torch.Tensor:
         return self.descriptor(batch, per_member, fast)  # (K, B, N, F)
@@ -66,10 +66,11 @@ class EnergyModel(nn.Module):
 
     # ------------------------------------------------------------ inference without autograd
     def can_infer(self) -> bool:
-        """Whether :meth:`infer` runs: the compiled descriptor is built, no weight takes a gradient, and
+        """Whether :meth:`infer` can run: the compiled descriptor is built, no weight takes a gradient, and
         ``NANOSIL_GEMM`` is not ``autograd``."""
         return (fast_kernels.AVAILABLE and not self.descriptor.coefficients.requires_grad
-                and not self.network_trainable() and atomic_network.requested() != "autograd")
+                and not self.atomic_scale.requires_grad and not self.network_trainable()
+                and atomic_network.requested() != "autograd")
 
     @torch.no_grad()
     def infer(self, species, positions, replicas: int | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -83,7 +84,8 @@ class EnergyModel(nn.Module):
         None, dE/dr (R, B, N, 3): member k's own in row k for ``replicas`` = K, that of the members' sum for 1;
         both float64. Only where :meth:`can_infer`."""
         dtype = self.atomic_scale.dtype
-        pos = np.ascontiguousarray(torch.as_tensor(positions, dtype=dtype).numpy(), dtype=np.float64)
+        np_dtype = np.float32 if dtype == torch.float32 else np.float64
+        pos = np.asarray(positions, dtype=np_dtype).astype(np.float64)
         z = np.ascontiguousarray(np.asarray(species), dtype=np.int64)
         desc = self.descriptor
         coefficients, centres = fast_kernels.coefficients(desc)
@@ -92,8 +94,7 @@ class EnergyModel(nn.Module):
         k, b, n, f = feats.shape
         net = atomic_network.prepared(self)
         out, pre = net.forward(torch.from_numpy(feats).reshape(k, b * n, f).to(dtype), replicas is not None)
-        zt = torch.from_numpy(z)
-        scale = self.atomic_scale[:, zt.clamp(min=0)] * (zt >= 0)                  # (K, B, N)
+        scale = torch.from_numpy(self.atomic_scale.numpy()[:, np.maximum(z, 0)] * (z >= 0))   # (K, B, N)
         energies = (out.reshape(k, b, n) * scale).sum(-1).double().numpy()
         if replicas is None:
             return energies, None

@@ -1,8 +1,10 @@
 """The compiled inference kernels of the Gaussian-moment descriptor (``_gm_kernels.c``) as autograd Functions.
 
 At inference (energies and forces) the whole :class:`~driver.models.gaussian_moments.GaussianMomentDescriptor`
-runs in C as one autograd Function, :class:`DescriptorC`: neighbour sums, the members' radial contractions
-and the rotation invariants, with a hand-written backward to the positions (none to the weights). It
+runs in C: neighbour sums, the members' radial contractions and the rotation invariants, with a hand-written
+backward to the positions (none to the weights). :func:`features` / :func:`features_backward` are the two
+calls on numpy arrays (what :meth:`EnergyModel.infer <driver.models.energy_model.EnergyModel.infer>` uses,
+without autograd); :class:`DescriptorC` wraps them as one autograd Function for the autograd paths. It
 computes in float64 whatever the model's dtype and gives the same numbers as the PyTorch definition (tested
 to 1e-10 in float64). Its backward is not differentiable again: training and Hessians use PyTorch.
 
