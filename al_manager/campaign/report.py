@@ -142,6 +142,7 @@ def write_outputs(config: CampaignConfig, states, log=print, throughput: dict | 
     from spectra.broadening import broaden
     from spectra.plotting import plot_spectra
     from spectra.spectrum import Spectrum, trapezoid, write_spectrum_csv
+    from spectra.fig8 import fig8_against_paper
     from spectra.sums import kappa_cm2_g, size_weights, weighted_sum, write_absorption_table
 
     out = Path(config.output)
@@ -292,10 +293,18 @@ def write_outputs(config: CampaignConfig, states, log=print, throughput: dict | 
                     labels.append(f"{n} (N={info[n][1]})")
             plot_spectra(f"{stem}_sum.png", kappas, labels, axis="wavelength", xlim=(5.0, 40.0),
                          ylabel="κ / cm$^2$ g$^{-1}$", title=f"{composition}, {temperature:g} K")
-            sums.append({"composition": composition, "temperature_K": temperature, "clusters": names,
-                         "sizes": [info[n][1] for n in names], "weights": [float(w) for w in weights],
-                         "mean_mass_amu": mean_mass, "table": _rel(Path(f"{stem}_kappa.txt"), out),
-                         "csv": _rel(Path(f"{stem}_sum.csv"), out), "png": _rel(Path(f"{stem}_sum.png"), out)})
+            entry = {"composition": composition, "temperature_K": temperature, "clusters": names,
+                     "sizes": [info[n][1] for n in names], "weights": [float(w) for w in weights],
+                     "mean_mass_amu": mean_mass, "table": _rel(Path(f"{stem}_kappa.txt"), out),
+                     "csv": _rel(Path(f"{stem}_sum.csv"), out), "png": _rel(Path(f"{stem}_sum.png"), out)}
+            # the paper's Fig. 8 beside ours, when its arrays are at hand (band positions and widths; shapes
+            # only, the paper's arrays being in arbitrary units)
+            fig8 = fig8_against_paper(total, composition, temperature, stem=f"{stem}_vs_paper_fig8",
+                                      sizes=[info[n][1] for n in names])
+            if fig8 is not None:
+                entry["paper_fig8"] = {k: v for k, v in fig8.items() if k in ("bands", "files", "shape", "ours_area_km_mol")}
+                log(f"{composition} {temperature:g} K against the paper's Fig. 8: {_rel(Path(f'{stem}_vs_paper_fig8.csv'), out)}")
+            sums.append(entry)
 
     try:
         version = json.loads((Path(config.models) / "committee.json").read_text()).get("version")
