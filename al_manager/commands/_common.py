@@ -10,7 +10,7 @@ BACKENDS = ("xtb", "pyscf", "orca")
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("reference backend")
-    g.add_argument("--backend", choices=BACKENDS, default="xtb",
+    g.add_argument("--backend", choices=BACKENDS, default=None,
                    help="xtb: GFN2-xTB (fast); pyscf: PBE0/def2-SVP (the paper's level, open); "
                         "orca: the paper's exact ORCA input (needs an ORCA binary)")
     g.add_argument("--charge", type=int, default=0, help="total charge (default 0; atoms.info['charge'] wins)")
@@ -23,11 +23,16 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--maxcore", type=int, default=1000, help="ORCA %%maxcore (MB per process)")
 
 
+def backend_name(args) -> str:
+    """``--backend``, xtb when not given."""
+    return args.backend or "xtb"
+
+
 def backend_options(args) -> dict:
     opts: dict = {"charge": args.charge}
     if args.multiplicity is not None:
         opts["multiplicity"] = args.multiplicity
-    if args.backend == "orca":
+    if backend_name(args) == "orca":
         opts.update(nprocs=args.nprocs, maxcore=args.maxcore)
         if args.orca_command:
             opts["command"] = args.orca_command

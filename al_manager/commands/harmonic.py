@@ -1,4 +1,5 @@
-"""``nanosil harmonic IN.xyz --backend xtb|pyscf|orca --out DIR``: harmonic IR spectrum of one structure.
+"""``nanosil harmonic IN.xyz --backend xtb|pyscf|orca --out DIR``: harmonic IR spectrum of one structure, by a
+reference backend or (``--models DIR``) by an ML committee.
 
 Writes into DIR:
 
@@ -9,7 +10,9 @@ Writes into DIR:
 * ``structure.xyz``: the geometry used (relaxed first with ``--relax``).
 
 xtb and pyscf use finite differences of forces and dipoles (ASE ``Infrared``; displaced results are
-cached in ``DIR/ir_cache`` so an interrupted run resumes); orca runs its analytic ``Freq``.
+cached in ``DIR/ir_cache`` so an interrupted run resumes); orca runs its analytic ``Freq``; a committee gives
+its exact Hessian and dipole derivatives (autograd, :func:`spectra.harmonic.harmonic_autograd`), relaxed on
+its own surface first with ``--relax``.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import numpy as np
 
 from spectra.atomic import write_text
 
-from ._common import add_backend_arguments, backend_options, read_structures
+from ._common import add_backend_arguments, backend_name, backend_options, read_structures
 
 
 def add_arguments(parser) -> None:
@@ -30,6 +33,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fmax", type=float, default=0.001, help="relaxation threshold (eV/Å, default 0.001)")
     parser.add_argument("--delta", type=float, default=0.01, help="finite-difference step (Å, default 0.01)")
     parser.add_argument("--fwhm", type=float, default=10.0, help="Gaussian FWHM of the spectrum (cm^-1, default 10)")
+    parser.add_argument("--models", metavar="DIR", default=None,
+                        help="an ML committee (with a dipole model) instead of a reference backend")
     add_backend_arguments(parser)
 
 
@@ -85,6 +90,37 @@ def _plot(path: Path, freq, inten, grid, spec, title: str) -> None:
         plt.close(fig)
 
 
+def _committee_harmonic(args, atoms):
+    """(atoms, HarmonicIR, method) of the committee in ``args.models``: exact derivatives, after an optional
+    BFGS relaxation on the committee surface."""
+    import torch
+    from ase import Atoms
+    from ase.optimize import BFGS
+
+    from al_manager.cli import UsageError
+    from driver.calculator import NanosilCalculator
+    from spectra.harmonic import harmonic_autograd
+
+    if not (Path(args.models) / "committee.json").is_file():
+        raise UsageError(f"{args.models} is not a nanosil model folder (no committee.json)")
+    calc = NanosilCalculator(args.models, dtype=torch.float64)
+    committee = calc.committee
+    if committee.dipole_model is None:
+        raise UsageError(f"the committee in {args.models} has no dipole model (no IR intensities): train it "
+                         f"with --dipole --dipole-members 1")
+    committee.validate(atoms.numbers, atoms.positions, source=f"{args.input} frame {args.index}")
+    work = Atoms(numbers=atoms.numbers, positions=atoms.positions)
+    if args.relax:
+        work.calc = calc
+        print(f"relaxing on the committee surface to fmax {args.fmax} eV/Å ...", flush=True)
+        if not BFGS(work, logfile=None, maxstep=0.1).run(fmax=args.fmax, steps=2000):
+            raise UsageError(f"{args.input}: the relaxation on the committee surface did not converge to "
+                             f"fmax {args.fmax} eV/Å in 2000 steps")
+    print(f"harmonic analysis with the committee {committee.version} ({len(work)} atoms, exact derivatives) ...",
+          flush=True)
+    return work, harmonic_autograd(work, calc), f"ML committee {committee.version}"
+
+
 def run(args) -> int:
     from ase.io import write
 
@@ -98,17 +134,25 @@ def run(args) -> int:
         raise UsageError(f"{args.input}: --index {args.index!r} selects {len(frames)} frames; give one frame")
     atoms = frames[0]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    backend = get_backend(args.backend, **backend_options(args))
-    backend.check_available()
-    backend.check(atoms, frame=f"{args.input} frame {args.index}")
-    if args.relax:
-        print(f"relaxing with {backend.method} to fmax {args.fmax} eV/Å ...", flush=True)
-        atoms = backend.relax(atoms, fmax=args.fmax)
-    write(str(out / "structure.xyz"), atoms, format="extxyz")
-    print(f"harmonic analysis with {backend.method} ({len(atoms)} atoms) ...", flush=True)
-    kwargs = {} if args.backend == "orca" else {"delta": args.delta, "workdir": out / "ir_cache"}
-    har = backend.harmonic(atoms, **kwargs)
+    if args.models is not None:
+        if args.backend is not None:
+            raise UsageError("give --models (an ML committee) or --backend (a reference method), not both")
+        atoms, har, method = _committee_harmonic(args, atoms)
+        out.mkdir(parents=True, exist_ok=True)
+        write(str(out / "structure.xyz"), atoms, format="extxyz")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        backend = get_backend(backend_name(args), **backend_options(args))
+        backend.check_available()
+        backend.check(atoms, frame=f"{args.input} frame {args.index}")
+        if args.relax:
+            print(f"relaxing with {backend.method} to fmax {args.fmax} eV/Å ...", flush=True)
+            atoms = backend.relax(atoms, fmax=args.fmax)
+        write(str(out / "structure.xyz"), atoms, format="extxyz")
+        print(f"harmonic analysis with {backend.method} ({len(atoms)} atoms) ...", flush=True)
+        kwargs = {} if backend_name(args) == "orca" else {"delta": args.delta, "workdir": out / "ir_cache"}
+        har = backend.harmonic(atoms, **kwargs)
+        method = backend.method
 
     vib = vibration_mask(atoms, har.frequencies)
     rows = ["mode,frequency_cm-1,intensity_km_per_mol,vibration"]
@@ -120,7 +164,7 @@ def run(args) -> int:
     write_text(out / "spectrum.csv", "wavenumber_cm-1,intensity_km_per_mol\n"
                   + "".join(f"{g:.4f},{s:.6g}\n" for g, s in zip(grid, spec)))
     _plot(out / "spectrum.png", freq, inten, grid, spec,
-          f"{atoms.get_chemical_formula()} harmonic IR, {backend.method}")
+          f"{atoms.get_chemical_formula()} harmonic IR, {method}")
     if np.any(freq < 0):
         print(f"warning: {int(np.sum(freq < 0))} imaginary mode(s): not a minimum (use --relax)")
     strongest = np.flatnonzero(vib)[np.argsort(inten)[::-1][:3]]

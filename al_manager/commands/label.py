@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from ._common import add_backend_arguments, backend_options, read_structures
+from ._common import add_backend_arguments, backend_name, backend_options, read_structures
 
 
 def add_arguments(parser) -> None:
@@ -52,7 +52,7 @@ def run(args) -> int:
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        report = label_structures(frames, args.backend, args.db, workers=args.workers,
+        report = label_structures(frames, backend_name(args), args.db, workers=args.workers,
                                   backend_options=backend_options(args), metadata=metadata,
                                   executor=args.executor, source=args.input, retry_failed=args.retry_failed,
                                   progress=not args.no_progress)

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from al_manager.commands._common import add_backend_arguments, backend_options
+from al_manager.commands._common import add_backend_arguments, backend_name, backend_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def run(args) -> int:
                                   workers=args.workers)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    backend = get_backend(args.backend, **backend_options(args))
+    backend = get_backend(backend_name(args), **backend_options(args))
     backend.check_available()
     formula = args.formula
     print(f"searching {formula} x {args.units} ({len(symbols)} atoms) with {backend.method}: {settings.starts} "
