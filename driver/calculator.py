@@ -22,13 +22,18 @@ class NanosilCalculator(Calculator):
                               "energy_std_per_atom", "max_force_std", "dipole_std"]
 
     def __init__(self, model: Committee | str | Path, dtype: torch.dtype = torch.float64,
-                 member_forces: bool = True, **kwargs):
+                 member_forces: bool = True, device=None, **kwargs):
         """``model``: a :class:`Committee` or a model folder. float64 by default (optimisations and finite
         differences want it); float32 is ~2x faster for MD. ``member_forces=False`` skips the per-member
-        forces (``max_force_std`` is then NaN) for a cheaper single backward pass."""
+        forces (``max_force_std`` is then NaN) for a cheaper single backward pass. ``device``: ``cpu``,
+        ``cuda`` or ``auto`` (:func:`driver.device.resolve_device`); None keeps a given committee where it is
+        and loads a folder onto the CPU. A given committee is converted in place."""
         super().__init__(**kwargs)
-        committee = load_committee(model) if isinstance(model, (str, Path)) else model
-        self.committee = committee.to(dtype)
+        if isinstance(model, (str, Path)):
+            committee = load_committee(model, dtype=dtype, device="cpu" if device is None else device)
+        else:
+            committee = model.to(dtype, device)
+        self.committee = committee
         self.member_forces = member_forces
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
@@ -45,8 +50,8 @@ class NanosilCalculator(Calculator):
     # -------------------------------------------------------------- exact derivatives
     def _tensors(self, atoms):
         c = self.committee
-        idx = torch.as_tensor(c.species_index(atoms.numbers))[None]
-        pos = torch.as_tensor(atoms.positions, dtype=c.dtype)
+        idx = torch.as_tensor(c.species_index(atoms.numbers)).to(c.device)[None]
+        pos = torch.as_tensor(atoms.positions, dtype=c.dtype).to(c.device)
         return idx, pos
 
     def hessian(self, atoms=None) -> np.ndarray:
@@ -61,7 +66,7 @@ class NanosilCalculator(Calculator):
             return e.mean(0).sum()
 
         h = torch.autograd.functional.hessian(energy, pos.reshape(-1))
-        return h.detach().double().numpy()
+        return h.detach().cpu().double().numpy()
 
     def dipole_derivatives(self, atoms=None) -> np.ndarray:
         """(N, 3, 3) array d mu_b / d r_{i,a} in e (index order [atom i, Cartesian a, dipole component b])."""
@@ -76,4 +81,4 @@ class NanosilCalculator(Calculator):
             return c.dipole_model(Batch(idx, p[None], mask), c.config.total_charge).mean(0)[0]
 
         jac = torch.autograd.functional.jacobian(dipole, pos)          # (3 b, N i, 3 a)
-        return jac.permute(1, 2, 0).detach().double().numpy()
+        return jac.permute(1, 2, 0).detach().cpu().double().numpy()

@@ -10,6 +10,11 @@
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 CHOICES = ("cpu", "cuda", "auto")
 
 
@@ -17,7 +22,7 @@ class DeviceError(ValueError):
     """A device this process cannot use (one line; the commands exit with status 2)."""
 
 
-def resolve_device(name: "str | torch.device | None" = "cpu", option: str = "--device") -> "torch.device":
+def resolve_device(name: str | torch.device | None = "cpu", option: str = "--device") -> torch.device:
     """The torch device for ``name``: ``cpu``, ``cuda``, ``cuda:N``, ``auto`` (cuda when
     ``torch.cuda.is_available()``, else cpu) or a :class:`torch.device`; None is ``cpu``. ``option`` names
     the setting in the messages. Raises :class:`DeviceError` (a ValueError) for cuda without CUDA and for

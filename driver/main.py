@@ -2,7 +2,7 @@
 
     mpirun -n K nanosil-driver --models MODELS_DIR --structure CLUSTER.xyz (--unix NAME | --inet HOST:PORT)
         [--flag-endpoint tcp://127.0.0.1:5555] [--energy-threshold X | --force-threshold Y] [--trust-cap Z]
-        [--run-id ID] [--threads 1] [--dipole-every K] [--step-offset S]
+        [--run-id ID] [--threads 1] [--device cpu|cuda|auto] [--dipole-every K] [--step-offset S]
 
 Also works without mpirun (one rank). Rank 0 speaks the i-PI protocol (:mod:`driver.ipi.client`),
 broadcasts positions and reduces the members' outputs (:mod:`driver.ipi.mpi_committee`); the reply and the
@@ -10,7 +10,8 @@ flagging are those of the i-PI PES class (:mod:`driver.ipi.pes`, :mod:`driver.fl
 species: they come from ``--structure``, and every request's atom count is checked against it.
 
 Exit status: 0 after i-PI's EXIT; 1 when the socket drops or i-PI cannot be reached; 2 for bad input
-(missing model folder, unknown element, atom-count mismatch, bad option), always with a one-line message.
+(missing model folder, unknown element, atom-count mismatch, bad option, ``--device cuda`` without CUDA),
+always with a one-line message.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import os
 import sys
 import time
 
+from driver.device import add_device_argument
 from ipi_inputs.files import SOCKETS_PREFIX
 
 PROG = "nanosil-driver"
@@ -78,6 +80,7 @@ def build_parser(rank: int = 0) -> argparse.ArgumentParser:
                         help="torch threads per rank (default 1: ranks x threads should not exceed the cores)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="model precision (default float32)")
+    add_device_argument(parser, "the members (of every rank)")
     parser.add_argument("--dipole-every", type=int, default=1, metavar="K",
                         help="compute the dipole model only on MD steps that are multiples of K (default 1: every "
                              "step); other steps carry the last dipole in the extras. Give i-PI's dipole "
@@ -115,10 +118,12 @@ def _setup(args):
 
     import torch
 
+    from driver.device import resolve_device
     from driver.models.committee import load_committee
 
     torch.set_num_threads(args.threads)
-    committee = load_committee(args.models, dtype=getattr(torch, args.dtype))
+    device = resolve_device(args.device)  # DeviceError (a ValueError): one line, exit 2
+    committee = load_committee(args.models, dtype=getattr(torch, args.dtype), device=device)
     committee.check_numbers(atoms.numbers, source=args.structure)
     return committee, atoms, config, address
 
@@ -162,7 +167,8 @@ def _lead(args, mpi, committee, atoms, config, address, say) -> int:
                                            dipole_every=args.dipole_every, step_offset=args.step_offset)
         dipole_note = f"; dipole every {args.dipole_every} steps" if args.dipole_every > 1 else ""
         say(f"model {committee.version}: {committee.n_energy_members} energy + {committee.n_dipole_members} "
-            f"dipole members{dipole_note} on {mpi.size} rank(s) x {args.threads} thread(s); {len(atoms)} atoms "
+            f"dipole members{dipole_note} on {mpi.size} rank(s) x {args.threads} thread(s) ({committee.device}); "
+            f"{len(atoms)} atoms "
             f"({atoms.get_chemical_formula()}) from {args.structure}; {config.describe()}; run id {config.run_id}")
         try:
             sock = connect(address.mode, address.address, address.port, args.sockets_prefix, args.connect_timeout)

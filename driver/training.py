@@ -60,7 +60,11 @@ class TrainConfig:
     bootstrap: bool = False            # sample with replacement instead
     seed: int = DEFAULT_SEED           # split seed; member k uses seed + 1 + k
     workers: int | None = None         # parallel processes (default: min(members, cores))
+    device: str = "cpu"                # where members train: cpu, cuda or auto (driver.device)
     warm_start: str | None = None      # an earlier committee folder: members start from its weights
+    # a committee trained on another reference method (e.g. cheap xTB labels): members start from its
+    # weights and its per-element energy shift is refitted on these labels (fit_pretrained_shift)
+    pretrained: str | None = None
     max_minutes: float | None = None   # wall-clock limit per member
     # Progress: one line per member every log_every epochs (0: every ~10 % of the epochs) or every
     # log_seconds, whichever comes first, to "stderr", "stdout" or "off".
@@ -76,6 +80,12 @@ class TrainConfig:
             raise ValueError("dipole_members must be >= 0")
         if self.progress not in ("stderr", "stdout", "off"):
             raise ValueError(f"progress must be 'stderr', 'stdout' or 'off', got {self.progress!r}")
+        from .device import check_name
+
+        self.device = check_name(self.device)  # the name only: CUDA is asked for when training starts
+        if self.warm_start and self.pretrained:
+            raise ValueError("pretrained and warm_start exclude each other: a warm start continues a committee of "
+                             "the same reference method, a pretrained one starts another method's")
 
 
 # ------------------------------------------------------------------ data as tensors
@@ -100,6 +110,35 @@ def fit_energy_shift(frames: list[Frame], n_species: int, index: list[np.ndarray
     energies = np.array([f.energy for f in frames])
     a = counts.T @ counts + ridge * np.eye(n_species) * max(1.0, np.trace(counts.T @ counts) / n_species)
     return np.linalg.solve(a, counts.T @ energies)
+
+
+def fit_pretrained_shift(committee: Committee, frames: list[Frame], index: list[np.ndarray],
+                         ridge: float = 1e-6) -> tuple[np.ndarray, dict]:
+    """The per-element energy shift (eV) for fine-tuning ``committee``, trained on another reference method,
+    on ``frames``, and a record of it. Two methods' total energies differ mostly by per-element constants
+    (for xTB and PBE0 thousands of eV per atom), which the shift holds: the new shift is the pretrained one
+    plus a ridge fit (:func:`fit_energy_shift`) of the residuals E_ref - E_pretrained on composition. The
+    atomic networks are kept as they are, so the committee's energies move by exactly those per-element
+    constants (the shift is added in float64 outside the networks) and the fine-tune starts from the
+    pretrained surface rather than with an energy error the size of the constants."""
+    sizes = [len(ix) for ix in index]
+    predicted = np.empty(len(frames))
+    for ids in _batches(list(range(len(frames))), sizes, 32, None):
+        preds = committee.predict_batch([frames[i].numbers for i in ids], [frames[i].positions for i in ids],
+                                        member_forces=False, dipoles=False)
+        predicted[ids] = [p.energy for p in preds]
+    residual = [dataclasses.replace(f, energy=f.energy - e) for f, e in zip(frames, predicted)]
+    delta = fit_energy_shift(residual, len(committee.species), index, ridge)
+    shift = np.asarray(committee.energy_shift, float) + delta
+    n_atoms = np.array(sizes, float)
+    before = np.array([f.energy for f in residual]) / n_atoms
+    after = before - np.array([delta[ix].sum() for ix in index]) / n_atoms
+    species = list(committee.species)
+    return shift, {"energy_shift_before_eV": dict(zip(species, map(float, committee.energy_shift))),
+                   "energy_shift_eV": dict(zip(species, map(float, shift))),
+                   "train_energy_mae_meV_per_atom_before": float(np.abs(before).mean() * 1000),
+                   "train_energy_mae_meV_per_atom_after": float(np.abs(after).mean() * 1000),
+                   "n_frames": len(frames)}
 
 
 def _batches(items: list[int], sizes: list[int], batch_size: int, rng: np.random.Generator | None):
@@ -138,9 +177,10 @@ class _Batch:
 class _Packed:
     """A data split stacked once per atom count, in the training dtype. The batches of :func:`_batches` hold
     structures of one atom count, so a batch is one ``index_select`` per field: no padding loop, no numpy
-    conversion, every step."""
+    conversion, every step. The stacks live on ``device`` (the member's: the whole split moves once)."""
 
-    def __init__(self, data: _Tensors, dtype=torch.float32):
+    def __init__(self, data: _Tensors, dtype=torch.float32, device="cpu"):
+        self.device = torch.device(device)
         self.n_structures = len(data.energy)
         self.slot: list[tuple[int, int]] = []          # structure -> (atom count, row in its group)
         by_size: dict[int, list[int]] = {}
@@ -148,14 +188,14 @@ class _Packed:
             rows = by_size.setdefault(len(ix), [])
             self.slot.append((len(ix), len(rows)))
             rows.append(i)
-        as_t = lambda arrays, dt=dtype: torch.as_tensor(np.stack(arrays), dtype=dt)
+        as_t = lambda arrays, dt=dtype: torch.as_tensor(np.stack(arrays), dtype=dt).to(self.device)
         self.groups = {}
         for n, ids in by_size.items():
             dipoles = [data.dipole[i] for i in ids]
             self.groups[n] = dict(species=as_t([data.index[i] for i in ids], torch.long),
                                   positions=as_t([data.positions[i] for i in ids]),
                                   forces=as_t([data.forces[i] for i in ids]),
-                                  energy=torch.as_tensor(data.energy[ids], dtype=dtype),
+                                  energy=torch.as_tensor(data.energy[ids], dtype=dtype).to(self.device),
                                   dipole=None if any(d is None for d in dipoles) else as_t(dipoles))
 
     def sizes(self) -> list[int]:
@@ -165,11 +205,11 @@ class _Packed:
         n = self.slot[ids[0]][0]
         if any(self.slot[i][0] != n for i in ids):
             raise ValueError("a training batch must hold structures of one atom count (see _batches)")
-        rows = torch.tensor([self.slot[i][1] for i in ids])
+        rows = torch.tensor([self.slot[i][1] for i in ids], device=self.device)
         take = lambda key: None if self.groups[n][key] is None else self.groups[n][key].index_select(0, rows)
         species = take("species")
         return _Batch(Batch(species, take("positions"), species >= 0), take("energy"), take("forces"),
-                      take("dipole"), torch.full((len(ids),), n))
+                      take("dipole"), torch.full((len(ids),), n, device=self.device))
 
 
 def _tensors(frames, species, shift) -> _Tensors:
@@ -395,6 +435,7 @@ def _member_model(task: dict, train: _Packed, pick: list[int]):
     else:
         model, lr0 = _dipole_model(mcfg, 1), cfg.lr_dipole
         loss_fn = lambda ids, d, g: _dipole_loss(model, d, ids, mcfg.total_charge)
+    model.to(train.device)  # initialised on the CPU (the same weights for a seed on any device), trained there
     if task.get("warm_state") is not None:
         model.load_state_dict(task["warm_state"])
     elif task["kind"] == "energy":
@@ -413,7 +454,8 @@ def _train_member(task: dict) -> dict:
     seed = cfg.seed + 1 + k + (1000 if kind == "dipole" else 0)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    train, val = _Packed(task["train"]), _Packed(task["val"])
+    device = task.get("device", "cpu")
+    train, val = _Packed(task["train"], device=device), _Packed(task["val"], device=device)
     n_train = train.n_structures
     n_pick = max(1, int(round(cfg.subsample * n_train)))
     pick = (rng.integers(0, n_train, n_train) if cfg.bootstrap
@@ -475,6 +517,7 @@ def _train_member(task: dict) -> dict:
             break
     if best_state is None:
         best_state = model.state_dict()
+    best_state = {name: t.detach().cpu() for name, t in best_state.items()}  # results hold CPU tensors
     progress.write(f"done: {len(history)} epochs in {time.time() - start:.0f} s, best val loss {best:.3e} "
                    f"at epoch {best_epoch + 1}")
     return {"kind": kind, "member": k, "state": best_state, "best_val": best, "best_epoch": best_epoch,
@@ -493,14 +536,29 @@ def train_committee(data, out_dir, cfg: TrainConfig | None = None) -> Committee:
     """Train K energy members (+ J dipole members) on ``data`` (a database path, a file ASE reads, or a
     list of :class:`Frame`) and write the committee to ``out_dir`` atomically. Returns the committee."""
     cfg = cfg or TrainConfig()
+    from .device import resolve_device
+
+    device = resolve_device(cfg.device, option="device")  # before any work: cuda without CUDA is refused
     frames = read_frames(data) if isinstance(data, (str, Path)) else list(data)
     if len(frames) < 2:
         raise ValueError(f"need at least 2 labelled structures to train, got {len(frames)}")
-    warm = load_committee(cfg.warm_start) if cfg.warm_start else None
+    start = cfg.warm_start or cfg.pretrained
+    warm = load_committee(start) if start else None
     mcfg = warm.config if warm is not None else ModelConfig(**cfg.model)
     train_frames, val_frames = split_train_validation(frames, cfg.seed)
     index = _species_index(train_frames, mcfg.species)
-    shift = warm.energy_shift if warm is not None else fit_energy_shift(train_frames, len(mcfg.species), index)
+    pretrained_record = None
+    if warm is None:
+        shift = fit_energy_shift(train_frames, len(mcfg.species), index)
+    elif cfg.warm_start:
+        shift = warm.energy_shift      # the same reference method: its shift holds
+    else:                              # another method's committee: its per-element constants are refitted
+        shift, pretrained_record = fit_pretrained_shift(warm, train_frames, index)
+        pretrained_record["from"] = str(Path(cfg.pretrained).resolve())
+        print(f"pretrained committee {cfg.pretrained}: energy shift refitted on {len(train_frames)} labels "
+              f"(training energy MAE {pretrained_record['train_energy_mae_meV_per_atom_before']:.4g} -> "
+              f"{pretrained_record['train_energy_mae_meV_per_atom_after']:.4g} meV/atom before fine-tuning)",
+              flush=True)
     train, val = _tensors(train_frames, mcfg.species, shift), _tensors(val_frames, mcfg.species, shift)
     has_dipole = all(f.dipole is not None for f in frames)
     j = cfg.dipole_members if has_dipole else 0
@@ -517,13 +575,13 @@ def train_committee(data, out_dir, cfg: TrainConfig | None = None) -> Committee:
                 model = part.energy_model if kind == "energy" else part.dipole_model
                 warm_state = None if model is None else model.float().state_dict()
             tasks.append(dict(kind=kind, member=k, cfg=cfg, model_config=mcfg, train=train, val=val,
-                              warm_state=warm_state))
+                              warm_state=warm_state, device=str(device)))
     cores = _cores()
     workers = max(1, min(cfg.workers or cores, len(tasks)))
     threads = max(1, cores // workers)
     print(f"training {cfg.committee} energy/force member(s) and {j} dipole member(s) on "
           f"{len(train_frames)} structures (validation {len(val_frames)}), {workers} process(es) x "
-          f"{threads} thread(s)", flush=True)
+          f"{threads} thread(s){'' if device.type == 'cpu' else f' on {device}'}", flush=True)
     t0 = time.time()
     results = _run_tasks(tasks, workers, threads)
     energy_states = sorted((r for r in results if r["kind"] == "energy"), key=lambda r: r["member"])
@@ -533,6 +591,7 @@ def train_committee(data, out_dir, cfg: TrainConfig | None = None) -> Committee:
     if dm is not None:
         dm.load_state_dict(_stack([r["state"] for r in dipole_states]))
     committee = Committee(mcfg, em.eval(), dm.eval() if dm is not None else None, np.asarray(shift, float))
+    committee.to(device=device)  # calibration and error tables where it trained; saved from CPU copies
     committee.calibration = calibrate(committee, val_frames)
     committee.metadata = {
         "n_train": len(train_frames), "n_validation": len(val_frames), "seconds": time.time() - t0,
@@ -544,6 +603,8 @@ def train_committee(data, out_dir, cfg: TrainConfig | None = None) -> Committee:
         # evaluate` warns when a test frame is among them
         "structure_hashes": sorted({structure_hash(f.numbers, f.positions)[:16] for f in train_frames + val_frames}),
     }
+    if pretrained_record is not None:
+        committee.metadata["pretrained"] = pretrained_record
     committee.version = f"{Path(out_dir).name}"
     save_committee(committee, out_dir)
     print(f"committee written to {out_dir} ({time.time() - t0:.0f} s); calibration "
@@ -579,7 +640,7 @@ def _run_tasks(tasks: list[dict], workers: int, threads: int) -> list[dict]:
                     if proc.returncode != 0 or not result_file.exists():
                         raise RuntimeError(f"training of {task['kind']} member {task['member']} failed "
                                            f"(exit code {proc.returncode}); see the messages above")
-                    results.append(torch.load(result_file, weights_only=True))
+                    results.append(torch.load(result_file, map_location="cpu", weights_only=True))
         finally:
             for proc, _, _ in running:
                 proc.kill()
@@ -595,7 +656,8 @@ def _encode_task(task: dict, threads: int) -> dict:
 
     return {"kind": task["kind"], "member": task["member"], "threads": threads, "parent_pid": os.getpid(),
             "cfg": dataclasses.asdict(task["cfg"]), "model_config": dataclasses.asdict(task["model_config"]),
-            "train": tensors(task["train"]), "val": tensors(task["val"]), "warm_state": task["warm_state"]}
+            "train": tensors(task["train"]), "val": tensors(task["val"]), "warm_state": task["warm_state"],
+            "device": task.get("device", "cpu")}
 
 
 def _decode_task(raw: dict) -> dict:
@@ -608,7 +670,7 @@ def _decode_task(raw: dict) -> dict:
 
 
 def _worker_main(task_file: str, result_file: str) -> None:
-    task = _decode_task(torch.load(task_file, weights_only=True))
+    task = _decode_task(torch.load(task_file, map_location="cpu", weights_only=True))
     result = _train_member(task)
     tmp = result_file + ".tmp"
     torch.save(result, tmp)

@@ -305,3 +305,62 @@ def test_label_budget(folder):
     assert cfg.stopping.max_labels == 400
     with pytest.raises(ConfigError, match=r"stopping\.max_labels: must be >= 1, got 0"):
         load_config(_write(folder, "[structures]\nP1 = 'o1.xyz'\n[stopping]\nmax_labels = 0\n"))
+
+
+# ------------------------------------------------------------------ [train] pretrained (transfer learning)
+def _tiny_committee(path: Path, n_members: int = 2, n_dipole: int = 1, species=("Mg", "Si", "O")) -> Path:
+    from driver.models.committee import ModelConfig, build_committee, save_committee
+
+    config = ModelConfig(species=species, hidden=(8, 8), dipole_features=8, dipole_interactions=1, dipole_gaussians=4)
+    save_committee(build_committee(config, n_members=n_members, n_dipole=n_dipole, seed=0), path)
+    return path
+
+
+PRETRAINED = "[structures]\nP1 = 'o1.xyz'\n[train]\ncommittee = 2\ndipole_members = 1\n"
+
+
+def test_pretrained_committee_is_checked_and_resolved_against_the_file(folder):
+    _tiny_committee(folder / "xtb_models")
+    cfg = load_config(_write(folder, PRETRAINED + "pretrained = 'xtb_models'\n"))
+    assert cfg.train.pretrained == str((folder / "xtb_models").resolve())
+    assert cfg.train_config().pretrained == cfg.train.pretrained          # iteration 0 fine-tunes it
+    later = cfg.train_config(warm_start=folder / "run" / "models" / "iter_000")
+    assert later.pretrained is None and later.warm_start.endswith("iter_000")  # later iterations warm-start
+    # [train] model may repeat the pretrained model's values
+    cfg = load_config(_write(folder, PRETRAINED + "pretrained = 'xtb_models'\nmodel = { hidden = [8, 8] }\n"))
+    assert cfg.train.model == {"hidden": [8, 8]}
+    assert load_config(_write(folder, PRETRAINED + "pretrained = 'none'\n")).train.pretrained is None
+
+
+def test_pretrained_problems_are_one_line_naming_the_key(folder):
+    path = _write(folder, PRETRAINED + "pretrained = 'absent'\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message == f"{path.resolve()}: train.pretrained: committee folder {(folder / 'absent').resolve()} does not exist"
+    (folder / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"train\.pretrained: .*empty is not a nanosil model folder \(no committee\.json\)$"):
+        load_config(_write(folder, PRETRAINED + "pretrained = 'empty'\n"))
+    with pytest.raises(ConfigError, match=r"train\.pretrained: .* is a file, not a committee folder"):
+        load_config(_write(folder, PRETRAINED + "pretrained = 'o1.xyz'\n"))
+    # its species must cover the structures
+    _tiny_committee(folder / "mg_o", species=("Mg", "O"))
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(folder, PRETRAINED + "pretrained = 'mg_o'\n"))
+    assert "train.pretrained: the committee" in str(err.value) and "knows Mg, O, not Si of structure P1" in str(err.value)
+    # its member counts must be [train]'s
+    _tiny_committee(folder / "three", n_members=3, n_dipole=1)
+    with pytest.raises(ConfigError, match=r"train\.committee: 2, but the pretrained committee .*three has 3 "
+                                          r"energy/force member\(s\).*set committee = 3$"):
+        load_config(_write(folder, PRETRAINED + "pretrained = 'three'\n"))
+    _tiny_committee(folder / "no_dipole", n_members=2, n_dipole=0)
+    with pytest.raises(ConfigError, match=r"train\.dipole_members: 1, but .* has 0 dipole member\(s\).*"
+                                          r"set dipole_members = 0$"):
+        load_config(_write(folder, PRETRAINED + "pretrained = 'no_dipole'\n"))
+    # and its model is kept: [train] model may not change it
+    _tiny_committee(folder / "xtb_models")
+    with pytest.raises(ConfigError, match=r"train\.model\.hidden: \[16, 16\] differs from the pretrained "
+                                          r"committee's \[8, 8\]"):
+        load_config(_write(folder, PRETRAINED + "pretrained = 'xtb_models'\nmodel = { hidden = [16, 16] }\n"))
+    for e in (err,):
+        assert "\n" not in str(e.value)

@@ -14,6 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the reference method to use when the database holds several (e.g. xtb:GFN2-xTB)")
     p.add_argument("--models", required=True, help="committee folder")
     p.add_argument("--json", default=None, help="also write the table as JSON")
+    from driver.device import add_device_argument
+
+    add_device_argument(p)
 
 
 def format_table(tables: dict[str, dict]) -> str:
@@ -55,7 +58,7 @@ def run(args) -> int:
     from driver.models.committee import load_committee
     from driver.training import error_table
 
-    committee = load_committee(args.models, dtype=__import__("torch").float64)
+    committee = load_committee(args.models, dtype=__import__("torch").float64, device=args.device)
     frames = read_frames(args.db, method=args.method)
     if not frames:
         raise UsageError(f"{args.db} holds no labelled structures: nothing to evaluate")

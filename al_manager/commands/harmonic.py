@@ -35,6 +35,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fwhm", type=float, default=10.0, help="Gaussian FWHM of the spectrum (cm^-1, default 10)")
     parser.add_argument("--models", metavar="DIR", default=None,
                         help="an ML committee (with a dipole model) instead of a reference backend")
+    from driver.device import add_device_argument
+
+    add_device_argument(parser, "the committee of --models")
     add_backend_arguments(parser)
 
 
@@ -103,7 +106,7 @@ def _committee_harmonic(args, atoms):
 
     if not (Path(args.models) / "committee.json").is_file():
         raise UsageError(f"{args.models} is not a nanosil model folder (no committee.json)")
-    calc = NanosilCalculator(args.models, dtype=torch.float64)
+    calc = NanosilCalculator(args.models, dtype=torch.float64, device=args.device)
     committee = calc.committee
     if committee.dipole_model is None:
         raise UsageError(f"the committee in {args.models} has no dipole model (no IR intensities): train it "

@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timestep-fs", type=number(float, 0, 5, exclusive_minimum=True), default=0.5, metavar="FS",
                    help="MD time step (default 0.5 fs)")
     p.add_argument("--threads", type=number(int, 1), default=1, metavar="N", help="torch threads of the driver (default 1)")
+    from driver.device import add_device_argument
+
+    add_device_argument(p, "the driver's committee")
     g = p.add_argument_group("spectrum (as nanosil spectrum)")
     g.add_argument("--discard-ps", type=number(float, 0), default=None, metavar="PS",
                    help="production discarded before the autocorrelation (default min(0.5, ps/4))")
@@ -246,7 +249,7 @@ class Children:
 
 # ---------------------------------------------------------------------- one phase
 def run_phase(children: Children, folder: Path, xml: Path, structure: Path, models: Path, socket_name: str,
-              steps: int, threads: int, say) -> dict:
+              steps: int, threads: int, say, device: str = "cpu") -> dict:
     from al_manager.processes import executable, remove_stale_socket
     from ipi_inputs.files import SOCKETS_PREFIX, dipole_labels
 
@@ -256,7 +259,7 @@ def run_phase(children: Children, folder: Path, xml: Path, structure: Path, mode
     start = time.monotonic()
     ipi = children.start([executable("i-pi"), xml.name], folder, "ipi.log")
     driver = children.start([executable("nanosil-driver"), "--models", str(models), "--structure", str(structure),
-                             "--unix", socket_name, "--threads", str(threads),
+                             "--unix", socket_name, "--threads", str(threads), "--device", device,
                              "--log-every", str(max(1000, steps // 10))], folder, "driver.log")
     say(f"    i-PI pid {ipi.pid}, nanosil-driver pid {driver.pid}; logs {folder / 'ipi.log'}, {folder / 'driver.log'}")
     last_line, one_done = start, None
@@ -308,19 +311,24 @@ def run(args) -> int:
         raise UsageError(f"the committee in {models} has no dipole model: train with --dipole --dipole-members 1")
     atoms = check_structure(structure, models, facts)
     steps = plan(args)
+    device = args.device
+    if device != "cpu":  # cuda without CUDA: one line before i-PI starts; auto: the driver gets the answer
+        from driver.device import resolve_device
+
+        device = resolve_device(device).type
     from al_manager.processes import executable
 
     for name in ("i-pi", "nanosil-driver"):  # both there before anything starts
         executable(name)
     out = output_folder(args)
     try:
-        return _run(args, structure.resolve(), models.resolve(), atoms, facts, steps, out)
+        return _run(args, structure.resolve(), models.resolve(), atoms, facts, steps, out, device)
     except KeyboardInterrupt:  # Ctrl-C after the MD (the children are gone by then)
         print(f"nanosil md: interrupted; partial outputs in {out}", file=sys.stderr, flush=True)
         return 130
 
 
-def _run(args, structure: Path, models: Path, atoms, facts: dict, plan_: dict, out: Path) -> int:
+def _run(args, structure: Path, models: Path, atoms, facts: dict, plan_: dict, out: Path, device: str = "cpu") -> int:
     from ipi_inputs.files import latest_checkpoint
     from ipi_inputs.render import render_input
     from spectra.atomic import write_json
@@ -336,7 +344,7 @@ def _run(args, structure: Path, models: Path, atoms, facts: dict, plan_: dict, o
                 "n_energy_members": facts["n_energy_members"], "n_dipole_members": facts["n_dipole_members"],
                 "temperature_K": T, "ensemble": args.ensemble, "production_ps": args.ps,
                 "equilibration_ps": args.equilibration_ps, "timestep_fs": dt, "seed": args.seed,
-                "production_steps": n_prod, "equilibration_steps": n_eq, "threads": args.threads}
+                "production_steps": n_prod, "equilibration_steps": n_eq, "threads": args.threads, "device": device}
     say(f"nanosil md: {structure.name} ({settings['formula']}, {len(atoms)} atoms) at {T:g} K, "
         f"{args.ensemble.upper()} {args.ps:g} ps after {args.equilibration_ps:g} ps NVT equilibration, "
         f"time step {dt:g} fs; committee {models} ({facts['n_energy_members']} energy + "
@@ -354,7 +362,7 @@ def _run(args, structure: Path, models: Path, atoms, facts: dict, plan_: dict, o
                                    velocities="thermal", checkpoint_steps=n_eq, **common)
                 phases.append({"name": "equilibration", "ensemble": "nvt",
                                **run_phase(children, folder, xml, structure, models, socket_name, n_eq,
-                                           args.threads, say)})
+                                           args.threads, say, device)})
                 say(f"    done: {n_eq} steps in {phases[-1]['wall_s']:.1f} s ({phases[-1]['steps_per_s']:.1f} steps/s)")
                 chk = latest_checkpoint(folder, PREFIX)
                 if chk is None or chk[1] != n_eq:
@@ -366,7 +374,7 @@ def _run(args, structure: Path, models: Path, atoms, facts: dict, plan_: dict, o
                 xml = render_input("production_nve", folder, checkpoint=folder / "start.chk", steps=n_prod, **common)
                 phases.append({"name": "production", "ensemble": "nve",
                                **run_phase(children, folder, xml, structure, models, socket_name, n_prod,
-                                           args.threads, say)})
+                                           args.threads, say, device)})
                 run_discard_ps = plan_["discard_ps"]
             else:
                 folder = out / "md"
@@ -377,7 +385,7 @@ def _run(args, structure: Path, models: Path, atoms, facts: dict, plan_: dict, o
                                    velocities="thermal", **common)
                 phases.append({"name": "md", "ensemble": "nvt",
                                **run_phase(children, folder, xml, structure, models, socket_name, total,
-                                           args.threads, say)})
+                                           args.threads, say, device)})
                 run_discard_ps = n_eq * dt / 1000.0 + plan_["discard_ps"]
             say(f"    done: {phases[-1]['steps']} steps in {phases[-1]['wall_s']:.1f} s "
                 f"({phases[-1]['steps_per_s']:.1f} steps/s)")

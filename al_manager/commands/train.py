@@ -1,4 +1,4 @@
-"""`nanosil train --db DATA.db --out MODELS_DIR [--committee 3] [--dipole]`."""
+"""`nanosil train --db DATA.db --out MODELS_DIR [--committee 3] [--dipole] [--device cpu|cuda|auto]`."""
 from __future__ import annotations
 
 import argparse
@@ -28,11 +28,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=count, default=None, help="parallel training processes (default: cores)")
     p.add_argument("--max-minutes", type=number(float, 0, exclusive_minimum=True), default=None,
                    help="wall-clock limit per member")
+    from driver.device import add_device_argument
+
+    add_device_argument(p, "the members train (every worker process)")
 
 
 def run(args) -> int:
+    from driver.device import resolve_device
     from driver.training import TrainConfig, train_committee
 
+    resolve_device(args.device)  # cuda without CUDA: one line, exit 2, before anything is read
     if not Path(args.db).exists():
         raise FileNotFoundError(f"dataset {args.db} does not exist")
     if args.warm_start:  # a damaged committee is refused before the data is read
@@ -51,7 +56,8 @@ def run(args) -> int:
     model = {"hidden": tuple(args.hidden)} if args.hidden else {}
     cfg = TrainConfig(committee=args.committee, dipole_members=args.dipole_members if args.dipole else 0,
                       epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr,
-                      warm_start=args.warm_start, workers=args.workers, max_minutes=args.max_minutes, model=model)
+                      warm_start=args.warm_start, workers=args.workers, max_minutes=args.max_minutes, model=model,
+                      device=args.device)
     def stop(signum, frame):  # SIGTERM unwinds like Ctrl-C: workers end, temporary files go
         raise SystemExit(128 + signum)
 

@@ -82,6 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paper-ir", default=None, metavar="DIR",
                    help="folder of the paper's isomer_*_harmonic.npy (default: ../paper_ir/P5 beside the P5 "
                         "isomers' folder, when present)")
+    from driver.device import add_device_argument
+
+    add_device_argument(p, "the committee (errors, relaxations, Hessians)")
     g = p.add_argument_group("SOAP-PCA map (needs dscribe: pip install nanosil[analysis])")
     g.add_argument("--train-db", default=None, metavar="DB", help="the training structures: draw the map")
     g.add_argument("--test-db", default=None, metavar="DB", help="test structures to show on the map")
@@ -413,7 +416,7 @@ def run(args) -> int:
             raise FileNotFoundError(f"--train-db {args.train_db} does not exist")
     elif args.test_db:
         raise UsageError("--test-db needs --train-db (the map is drawn on the training set's axes)")
-    committee = load_committee(args.models, dtype=torch.float64)
+    committee = load_committee(args.models, dtype=torch.float64, device=args.device)
     inputs = []
     for path in args.structures:
         frames = read_frames(path, method=args.method)

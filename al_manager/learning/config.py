@@ -69,6 +69,15 @@ Layout (every section and key but ``structures`` is optional; the values shown a
     # ... every other TrainConfig field (patience, batch_size, lr, log_every, max_minutes, ...);
     # model = { hidden = [512, 512], species = ["Mg", "Si", "O"] }   # driver.models ModelConfig fields
     # warm_start is set by the loop (the previous iteration's committee)
+    # pretrained = "xtb_run/models/iter_005"   # transfer learning: iteration 0 fine-tunes this committee,
+                                       # trained on another reference method (e.g. cheap GFN2-xTB labels),
+                                       # instead of training from scratch. Its per-element energy shift is
+                                       # refitted on the new labels (the methods' total energies differ by
+                                       # per-element constants, thousands of eV for xTB vs PBE0), its model
+                                       # (sizes, cutoffs, species) is used, so its species must cover the
+                                       # structures and its member counts must equal committee and
+                                       # dipole_members; [train] model may only repeat its values. Checked
+                                       # when the file is read; later iterations warm-start as usual.
 
 Old names are refused with their new one (:data:`RENAMED`): ``[committee] size / dipole_size`` are
 ``[train] committee / dipole_members``; ``[thresholds] energy_per_atom / force / upper_cap`` are
@@ -78,6 +87,7 @@ Old names are refused with their new one (:data:`RENAMED`): ``[committee] size /
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import typing
 from dataclasses import dataclass, field
@@ -170,8 +180,12 @@ class ALConfig:
         return get_backend(self.reference.backend, **self.reference.options)
 
     def train_config(self, warm_start: str | Path | None = None) -> "TrainConfig":
-        """``[train]`` with the loop's warm start (a new object; the configuration is not modified)."""
-        return dataclasses.replace(self.train, warm_start=None if warm_start is None else str(warm_start))
+        """``[train]`` with the loop's warm start (a new object; the configuration is not modified). Without
+        a warm start (iteration 0) a ``pretrained`` committee stays; with one it is dropped: the previous
+        iteration's committee already descends from it."""
+        if warm_start is None:
+            return dataclasses.replace(self.train, warm_start=None)
+        return dataclasses.replace(self.train, warm_start=str(warm_start), pretrained=None)
 
 
 # ---------------------------------------------------------------------------------------- names
@@ -247,6 +261,9 @@ def parse_config(data: dict, base_dir: str | Path = ".", source: Path | None = N
     initial_data = build(InitialDataSettings, table_of(data, "initial_data", where), "initial_data", where)
     train = build(TrainConfig, table_of(data, "train", where), "train", where, exclude=("warm_start",))
     model = build(ModelConfig, train.model, "train.model", where)
+    pretrained = None
+    if train.pretrained is not None:
+        train, pretrained = _pretrained(train, model, base_dir, where)
     execution = build_execution(table_of(data, "execution", where), where)
 
     _check_reference(reference, where)
@@ -255,7 +272,11 @@ def parse_config(data: dict, base_dir: str | Path = ".", source: Path | None = N
         where.fail("sampling.mpi_ranks", f"{sampling.mpi_ranks} ranks for {members} committee members "
                                          f"([train] committee + dipole_members): ranks split the members, "
                                          f"so at most {members}")
-    structures = _structures(data.get("structures"), base_dir, model.species, where)
+    if pretrained is None:
+        structures = _structures(data.get("structures"), base_dir, model.species, where)
+    else:  # the pretrained committee's species are the model's: checked under train.pretrained
+        structures = _structures(data.get("structures"), base_dir, None, where)
+        _check_pretrained_species(pretrained, train.pretrained, structures, where)
     return ALConfig(structures=structures, workdir=workdir, temperatures=temps,
                     seed=seed, reference=reference, sampling=sampling, stopping=stopping,
                     initial_data=initial_data, train=train, execution=execution, source=source)
@@ -273,6 +294,48 @@ def _check_reference(ref: ReferenceSettings, where: Where) -> None:
         where.fail("reference.options", " ".join(str(exc).split()))
     except ImportError:
         pass  # a backend whose library is missing is reported when it is used, not when planning
+
+
+def _pretrained(train: "TrainConfig", model, base_dir: Path, where: Where):
+    """``[train] pretrained``: the folder resolved against the file's, loaded, and its sizes and model
+    checked against ``[train]``. Returns (train with the absolute path, the committee)."""
+    from driver.models.committee import load_committee
+
+    key = "train.pretrained"
+    path = (base_dir / Path(train.pretrained).expanduser()).resolve()
+    if not path.exists():
+        where.fail(key, f"committee folder {path} does not exist")
+    if not path.is_dir():
+        where.fail(key, f"{path} is a file, not a committee folder")
+    try:
+        committee = load_committee(path)
+    except (OSError, ValueError) as exc:  # no committee.json, damaged files (ModelFileError)
+        where.fail(key, " ".join(str(exc).split())[:300])
+    for field_name, have, what in (("committee", committee.n_energy_members, "energy/force"),
+                                   ("dipole_members", committee.n_dipole_members, "dipole")):
+        want = getattr(train, field_name)
+        if want != have:
+            where.fail(f"train.{field_name}", f"{want}, but the pretrained committee {path} has {have} {what} "
+                                              f"member(s): a fine-tune starts every member from one of its "
+                                              f"own; set {field_name} = {have}")
+    given = model
+    for name in train.model:  # [train] model may repeat the pretrained model's values, not change them
+        mine, theirs = getattr(given, name), getattr(committee.config, name)
+        if mine != theirs:
+            fmt = lambda v: json.dumps(list(v) if isinstance(v, tuple) else v)
+            where.fail(f"train.model.{name}", f"{fmt(mine)} differs from the pretrained committee's {fmt(theirs)} "
+                                              f"({path}): a fine-tune keeps its model; drop the key or match it")
+    return dataclasses.replace(train, pretrained=str(path)), committee
+
+
+def _check_pretrained_species(committee, path: str, structures: list[StructureEntry], where: Where) -> None:
+    from ipi_inputs.files import read_cluster
+
+    for entry in structures:
+        foreign = sorted(set(read_cluster(entry.path).get_chemical_symbols()) - set(committee.species))
+        if foreign:
+            where.fail("train.pretrained", f"the committee {path} knows {', '.join(committee.species)}, not "
+                                           f"{', '.join(foreign)} of structure {entry.name} ({entry.path})")
 
 
 def _structures(value, base_dir: Path, species, where: Where) -> list[StructureEntry]:
@@ -313,7 +376,7 @@ def _structures(value, base_dir: Path, species, where: Where) -> list[StructureE
             where.fail(key, " ".join(str(exc).split())[:300])
         if len(atoms) < 2:
             where.fail(key, f"{path} holds {len(atoms)} atom(s): a cluster needs at least 2")
-        foreign = sorted(set(atoms.get_chemical_symbols()) - set(species))
+        foreign = sorted(set(atoms.get_chemical_symbols()) - set(species)) if species is not None else []
         if foreign:
             where.fail(key, f"element{'s' if len(foreign) > 1 else ''} {', '.join(foreign)} "
                             f"{'are' if len(foreign) > 1 else 'is'} not in the model's species "

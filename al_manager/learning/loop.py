@@ -222,6 +222,10 @@ class Manager:
         self.state.set_phase("initial_train", 0)
 
     def initial_train(self) -> None:
+        pretrained = self.config.train.pretrained   # [train] pretrained: fine-tune it instead of from scratch
+        if pretrained and not (self.model_dir(0) / "committee.json").is_file():
+            self.log(f"iteration 0: fine-tuning the pretrained committee {pretrained} (its per-element energy "
+                     f"shift refitted on the {self.config.reference.backend} labels)")
         self._train(0, warm_start=None)
         self.state.set_phase("measure", 0)
 

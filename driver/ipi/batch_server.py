@@ -2,7 +2,7 @@
 
     nanosil-batch-driver --models MODELS_DIR --target NAME=CLUSTER.xyz [--target ...]
         [--log-dir DIR] [--trust-cap 1.0 --trust-measure force] [--fragment-distance 4.0] [--threads 1]
-        [--dipole-every K]
+        [--dipole-every K] [--device cpu|cuda|auto]
     nanosil-batch-driver --models MODELS_DIR --control -      # targets arrive as JSON lines on stdin
 
 i-PI is the server of its socket protocol, so this process is the *client* of N i-PI servers (one per
@@ -42,6 +42,7 @@ the server down (the campaign that started it is gone): open connections are clo
 servers write checkpoints and stop.
 
 Threads: torch uses ``--threads`` (default 1) intra-op threads; connection threads only do socket I/O.
+``--device cuda`` (or ``auto`` where torch sees a GPU) runs the batched passes on the GPU.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
+from driver.device import add_device_argument
 from driver.geometry_checks import fragments
 from ipi_inputs.files import SOCKETS_PREFIX
 from spectra.atomic import write_json
@@ -491,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="wait at most this long for the other trajectories before a pass (default 20)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    add_device_argument(parser)
     parser.add_argument("--progress-every", type=float, default=2.0, help="seconds between progress events")
     return parser
 
@@ -552,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
+        from driver.device import resolve_device
         from driver.flagging import FlagConfig
         from driver.models.committee import load_committee
 
@@ -573,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         flag_config = FlagConfig(energy_threshold=args.energy_threshold, force_threshold=args.force_threshold,
                                  endpoint=args.flag_endpoint, flag_file=args.flag_file,
                                  run_id="batch")
-        committee = load_committee(args.models, dtype=getattr(torch, args.dtype))
+        device = resolve_device(args.device)  # DeviceError (a ValueError): one line, exit 2
+        committee = load_committee(args.models, dtype=getattr(torch, args.dtype), device=device)
         server = BatchServer(committee, trust, flag_config, gather_s=args.gather_ms / 1000.0, emit=_emitter(),
                              say=say, progress_every=args.progress_every, dipole_every=args.dipole_every)
         for target in targets:
@@ -582,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {exc}")
         return 2
     say(f"model {committee.version}: {committee.n_energy_members} energy + {committee.n_dipole_members} dipole "
-        f"members (dipole every {args.dipole_every} step(s)), {args.threads} torch thread(s); {len(targets)} target(s)"
+        f"members (dipole every {args.dipole_every} step(s)), {args.threads} torch thread(s) on {committee.device}; "
+        f"{len(targets)} target(s)"
         f"{', more from stdin' if args.control == '-' else ''}")
     if args.control == "-":
         threading.Thread(target=_control_loop, args=(server, args, say), daemon=True).start()

@@ -5,7 +5,7 @@ With i-PI's driver::
 
     i-pi-py_driver -u -a NAME -m custom -P driver/ipi/pes.py \\
         -o models=MODELS_DIR,structure=CLUSTER.xyz[,energy_threshold=X][,force_threshold=Y][,trust_cap=Z]
-           [,flag_endpoint=ipc:///tmp/flags][,run_id=ID][,threads=1][,dtype=float32]
+           [,flag_endpoint=ipc:///tmp/flags][,run_id=ID][,threads=1][,dtype=float32][,device=cpu]
            [,dipole_every=K][,step_offset=S]
 
 ``nanosil-driver`` (:mod:`driver.main`) builds the same :class:`NanosilDriver` around an MPI-parallel
@@ -140,7 +140,8 @@ class NanosilDriver(Dummy_driver):
     Init arguments (strings from i-PI's ``-o key=value,...``): ``models`` (committee folder),
     ``structure`` (the cluster file: i-PI never sends species), ``energy_threshold`` (eV/atom),
     ``force_threshold`` (eV/Å), ``trust_cap``, ``flag_endpoint``, ``flag_file``, ``run_id``,
-    ``allow_remote_flags``, ``threads`` (torch threads), ``dtype`` (float32|float64), ``dipole_every``
+    ``allow_remote_flags``, ``threads`` (torch threads), ``dtype`` (float32|float64), ``device``
+    (cpu|cuda|auto, :mod:`driver.device`), ``dipole_every``
     (compute the dipole on every K-th MD step only, module docstring), ``step_offset`` (MD step of i-PI's
     first request: a restart from a checkpoint), ``verbose``.
     """
@@ -148,7 +149,7 @@ class NanosilDriver(Dummy_driver):
     def __init__(self, models=None, structure=None, energy_threshold=None, force_threshold=None,
                  trust_cap=None, flag_endpoint=None, flag_file="flagged.extxyz", run_id="",
                  allow_remote_flags=False, threads=1, dtype="float32", dipole_every=1, step_offset=0,
-                 verbose=False, *args, **kwargs):
+                 verbose=False, *args, device="cpu", **kwargs):
         if models is None or structure is None:
             raise ValueError("the nanosil PES needs -o models=MODELS_DIR,structure=CLUSTER.xyz")
         import torch
@@ -158,7 +159,7 @@ class NanosilDriver(Dummy_driver):
         from ipi_inputs.files import read_cluster
 
         torch.set_num_threads(int(threads))
-        committee = load_committee(str(models), dtype=_torch_dtype(dtype))
+        committee = load_committee(str(models), dtype=_torch_dtype(dtype), device=str(device))
         atoms = read_cluster(str(structure))
         committee.check_numbers(atoms.numbers, source=str(structure))
         config = FlagConfig(energy_threshold=_opt_float(energy_threshold), force_threshold=_opt_float(force_threshold),

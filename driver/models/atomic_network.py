@@ -15,7 +15,7 @@ that the environment variable ``NANOSIL_GEMM`` names (read at every call):
 - ``torch``: torch's batched matmuls (MKL in the PyTorch wheels), one ``baddbmm`` / ``bmm`` for all K members,
   the input-gradient weights stored transposed (contiguous) once;
 - ``openblas``: numpy's OpenBLAS (``np.matmul`` on float32, one call per member into one buffer), numpy's BLAS
-  pool set to torch's thread count; float32 models only (others use ``torch``). MKL takes a slow sgemm path
+  pool set to torch's thread count; float32 models on the CPU only (others use ``torch``). MKL takes a slow sgemm path
   on some AMD processors, where OpenBLAS is the faster library;
 - ``autograd``: none of this: autograd through the layers, as before this module (the reference);
 - ``auto`` (default): the faster of ``torch`` and ``openblas`` on this host, chosen once per process and
@@ -169,7 +169,8 @@ def prepared(model: nn.Module, backend: str | None = None) -> Prepared:
     weight changes (in-place update, ``load_state_dict``, ``.to(dtype)``)."""
     cache = model.__dict__.setdefault("_inference_network", {})
     if backend is None:
-        setting = (os.environ.get("NANOSIL_GEMM"), model.layers[0].weight.dtype, torch.get_num_threads())
+        weight = model.layers[0].weight
+        setting = (os.environ.get("NANOSIL_GEMM"), weight.dtype, weight.device, torch.get_num_threads())
         last = cache.get("chosen")
         if last is None or last[0] != setting:
             last = (setting, chosen(model))
@@ -219,11 +220,14 @@ def calibrate(model: nn.Module, atoms: int = AUTO_ATOMS, rounds: int = 3, repeat
 
 def chosen(model: nn.Module) -> str:
     """The backend the model's inference network runs in now: ``NANOSIL_GEMM``, or auto's choice (timed on
-    the first call for each committee size, widths, dtype and thread count)."""
+    the first call for each committee size, widths, dtype and thread count). Weights off the CPU (a GPU)
+    always run in ``torch``: OpenBLAS is CPU code."""
     name = requested()
     dtype = model.layers[0].weight.dtype
     if name in ("torch", "autograd"):
         return name
+    if model.layers[0].weight.device.type != "cpu":
+        return "torch"
     if name == "openblas":
         return name if usable(name, dtype) else "torch"
     if not usable("openblas", dtype):

@@ -128,11 +128,24 @@ class Committee:
         model = self.energy_model if self.energy_model is not None else self.dipole_model
         return next(model.parameters()).dtype
 
-    def to(self, dtype: torch.dtype) -> "Committee":
-        if self.energy_model is not None:
-            self.energy_model.to(dtype)
-        if self.dipole_model is not None:
-            self.dipole_model.to(dtype)
+    @property
+    def device(self) -> torch.device:
+        """Where the members' weights are (every batch is made there: :mod:`driver.device`)."""
+        model = self.energy_model if self.energy_model is not None else self.dipole_model
+        return next(model.parameters()).device
+
+    def to(self, dtype: torch.dtype | None = None, device=None) -> "Committee":
+        """The members in ``dtype`` and/or on ``device`` (a name, see :func:`driver.device.resolve_device`, or a
+        torch.device), in place; ``to(device)`` with a device alone also works, as for a torch module."""
+        if isinstance(dtype, (str, torch.device)):
+            dtype, device = None, dtype
+        if device is not None:
+            from driver.device import resolve_device
+
+            device = resolve_device(device)
+        for model in (self.energy_model, self.dipole_model):
+            if model is not None:
+                model.to(device=device, dtype=dtype)
         return self
 
     def species_index(self, numbers, source: str = "") -> np.ndarray:
@@ -170,8 +183,9 @@ class Committee:
     # ---------------------------------------------------------------- evaluation
     def _batch(self, numbers, positions, requires_grad=False) -> tuple[Batch, torch.Tensor, np.ndarray]:
         idx = self.species_index(numbers)
-        pos = torch.as_tensor(np.asarray(positions), dtype=self.dtype).clone().requires_grad_(requires_grad)
-        species = torch.as_tensor(idx)[None]
+        device = self.device
+        pos = torch.as_tensor(np.asarray(positions), dtype=self.dtype).to(device).clone().requires_grad_(requires_grad)
+        species = torch.as_tensor(idx).to(device)[None]
         return Batch(species=species, positions=pos[None], mask=species >= 0), pos, idx
 
     def member_outputs(self, numbers, positions, forces: bool = True,
@@ -200,7 +214,7 @@ class Committee:
                     species = batch.species.expand(k, -1)
                     e = self.energy_model(Batch(species, rep, species >= 0), per_member=True, fast=True)[:, 0]
                     (g,) = torch.autograd.grad(e.sum(), rep)
-                    f_members = -g.double().numpy()
+                    f_members = -g.cpu().double().numpy()
                 else:
                     e = self.energy_model(batch, fast=True)[:, 0]                     # (K,)
                 if f_members is not None:
@@ -208,10 +222,10 @@ class Committee:
                 elif forces:
                     (g,) = torch.autograd.grad(e.sum(), pos)
                     if k == 1:
-                        f_members = -g.detach().double().numpy()[None]
+                        f_members = -g.detach().cpu().double().numpy()[None]
                     else:
-                        f_mean = -g.detach().double().numpy() / k
-            energies = e.detach().double().numpy() + self.shift_energy(idx)
+                        f_mean = -g.detach().cpu().double().numpy() / k
+            energies = e.detach().cpu().double().numpy() + self.shift_energy(idx)
         mu = self.member_dipoles(numbers, positions) if dipoles else np.zeros((0, 3))
         return MemberOutputs(energies=energies, forces=f_members, dipoles=mu, mean_forces=f_mean)
 
@@ -220,7 +234,7 @@ class Committee:
         if self.dipole_model is None:
             return np.zeros((0, 3))
         batch, _, _ = self._batch(numbers, positions)
-        return self.dipole_model(batch, self.config.total_charge)[:, 0].double().numpy()
+        return self.dipole_model(batch, self.config.total_charge)[:, 0].cpu().double().numpy()
 
     def summarize(self, out: MemberOutputs, n_atoms: int) -> CommitteePrediction:
         """Committee statistics from the members' outputs (see the module docstring)."""
@@ -252,7 +266,7 @@ class Committee:
         bool per structure; the dipole model runs (one padded pass) only on the structures that ask for it,
         the others get no dipole (None), as with ``predict(..., dipoles=False)``."""
         idx = [self.species_index(z) for z in numbers_list]
-        batch = make_batch(idx, positions_list, dtype=self.dtype)
+        batch = make_batch(idx, positions_list, dtype=self.dtype, device=self.device)
         pos = batch.positions.requires_grad_(True)
         k = self.n_energy_members
         if self.energy_model.can_infer():  # the compiled descriptor, no autograd
@@ -272,8 +286,8 @@ class Committee:
             e = self.energy_model(batch, fast=True)                                   # (K, B)
             (g,) = torch.autograd.grad(e.sum(), pos)
             g = g[None] / k
-        e = e.detach().double().numpy()
-        g = -g.detach().double().numpy()
+        e = e.detach().cpu().double().numpy()
+        g = -g.detach().cpu().double().numpy()
         wanted = [bool(dipoles)] * len(idx) if isinstance(dipoles, (bool, np.bool_)) else [bool(d) for d in dipoles]
         if len(wanted) != len(idx):
             raise ValueError(f"dipoles: {len(wanted)} flags for {len(idx)} structures")
@@ -283,7 +297,8 @@ class Committee:
         if rows:
             with torch.no_grad():
                 mu = self.dipole_model(make_batch([idx[b] for b in rows], [positions_list[b] for b in rows],
-                                                  dtype=self.dtype), self.config.total_charge).double().numpy()
+                                                  dtype=self.dtype, device=self.device),
+                                       self.config.total_charge).cpu().double().numpy()
         preds = []
         for b, ix in enumerate(idx):
             n = len(ix)
@@ -341,14 +356,14 @@ def _dipole_model(config: ModelConfig, j: int) -> DipoleModel | None:
 def _assemble(template: Committee, energy_parts, dipole_parts) -> Committee:
     k = sum(len(ix) for c, ix in energy_parts if c.energy_model is not None)
     j = sum(len(ix) for c, ix in dipole_parts if c.dipole_model is not None)
-    dtype = template.dtype
+    dtype, device = template.dtype, template.device
     em, dm = _energy_model(template.config, k), _dipole_model(template.config, j)
     if em is not None:
         em.load_state_dict(_stack_state([(c.energy_model, ix) for c, ix in energy_parts]))
-        em.to(dtype)
+        em.to(device=device, dtype=dtype)
     if dm is not None:
         dm.load_state_dict(_stack_state([(c.dipole_model, ix) for c, ix in dipole_parts]))
-        dm.to(dtype)
+        dm.to(device=device, dtype=dtype)
     return Committee(template.config, em, dm, template.energy_shift.copy(), dict(template.calibration),
                      template.version, dict(template.metadata))
 
@@ -434,9 +449,15 @@ def _read_meta(meta_file: Path) -> dict:
     return meta
 
 
-def load_committee(path: str | Path, dtype: torch.dtype = torch.float32) -> Committee:
-    """Read a committee folder. Raises FileNotFoundError when ``path`` has no ``committee.json`` and
-    :class:`ModelFileError` (a ValueError naming the file) when a file is truncated, damaged or not nanosil's."""
+def load_committee(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> Committee:
+    """Read a committee folder, its members in ``dtype`` on ``device`` (``cpu``, ``cuda``, ``auto`` or a
+    torch.device: :func:`driver.device.resolve_device`; the weights are read onto the CPU, with
+    ``weights_only=True``, then moved). Raises FileNotFoundError when ``path`` has no ``committee.json``,
+    :class:`ModelFileError` (a ValueError naming the file) when a file is truncated, damaged or not nanosil's,
+    and :class:`driver.device.DeviceError` (a ValueError) for cuda without CUDA."""
+    from driver.device import resolve_device
+
+    device = resolve_device(device)
     path = Path(path)
     meta_file = path / "committee.json"
     if not meta_file.is_file():
@@ -489,7 +510,7 @@ def load_committee(path: str | Path, dtype: torch.dtype = torch.float32) -> Comm
         except (RuntimeError, KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"{file}: does not match {meta_file.name} (not this committee's checkpoint: "
                                  f"{_brief(exc, 200)})") from None
-        model.to(dtype)
+        model.to(device=device, dtype=dtype)
         model.eval()
     calibration = meta.get("calibration", {"energy": 1.0, "forces": 1.0})
     if not isinstance(calibration, dict):

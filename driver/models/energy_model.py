@@ -55,7 +55,7 @@ class EnergyModel(nn.Module):
         species = batch.species.clamp(min=0)
         if per_member:
             species, mask = species.reshape(k, b, n), batch.mask.reshape(k, b, n)
-            scale = self.atomic_scale[torch.arange(k)[:, None, None], species]        # (K, B, N)
+            scale = self.atomic_scale[torch.arange(k, device=species.device)[:, None, None], species]  # (K, B, N)
             return out * scale * mask
         scale = self.atomic_scale[:, species]                                       # (K, B, N)
         return out * scale * batch.mask
@@ -66,9 +66,11 @@ class EnergyModel(nn.Module):
 
     # ------------------------------------------------------------ inference without autograd
     def can_infer(self) -> bool:
-        """Whether :meth:`infer` can run: the compiled descriptor is built, no weight takes a gradient, and
-        ``NANOSIL_GEMM`` is not ``autograd``."""
-        return (fast_kernels.AVAILABLE and not self.descriptor.coefficients.requires_grad
+        """Whether :meth:`infer` can run: the compiled descriptor is built, the weights are on the CPU (it is
+        CPU code; on a GPU the PyTorch path runs), no weight takes a gradient, and ``NANOSIL_GEMM`` is not
+        ``autograd``."""
+        return (fast_kernels.AVAILABLE and self.atomic_scale.device.type == "cpu"
+                and not self.descriptor.coefficients.requires_grad
                 and not self.atomic_scale.requires_grad and not self.network_trainable()
                 and atomic_network.requested() != "autograd")
 

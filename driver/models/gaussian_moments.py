@@ -298,7 +298,7 @@ def moment_sums_vjp(t: PairTerms, grad: torch.Tensor) -> torch.Tensor:
     d_radial = torch.gather(d_by_species.reshape(*d_by_species.shape[:4], s, nb), 4, index)[..., 0, :]
     d_dist = (d_radial * t.dradial).sum(-1)                                        # (R, B, N, N)
     # dL/du_x = sum_m dL/dA_m dA_m/du_x, with dA_m/du_x linear in the monomials of order <= 2
-    table = ANGULAR_JACOBIAN.to(grad.dtype).reshape(N_MOMENTS, 30)
+    table = ANGULAR_JACOBIAN.to(device=grad.device, dtype=grad.dtype).reshape(N_MOMENTS, 30)
     d_unit = (torch.matmul(d_ang, table).unflatten(-1, (3, 10)) * t.ang[None, ..., None, :10]).sum(-1)
     radial_part = (d_unit * t.unit).sum(-1, keepdim=True)
     g_rij = d_dist[..., None] * t.unit + (d_unit - radial_part * t.unit) / t.d[..., None]  # dL/d(r_j - r_i)
@@ -315,7 +315,7 @@ def moment_sums_jvp(t: PairTerms, dr: torch.Tensor) -> torch.Tensor:
     d_radial = dd * t.dradial                                                      # (B, N, N, n_basis)
     # the one-hot of j puts each term in its species slot; padding atoms have zero pair terms anyway
     d_by_species = (onehot[:, None, :, :, None] * d_radial[:, :, :, None, :]).reshape(b, n, n, -1)
-    table = ANGULAR_JACOBIAN.to(dr.dtype).reshape(N_MOMENTS, 30)
+    table = ANGULAR_JACOBIAN.to(device=dr.device, dtype=dr.dtype).reshape(N_MOMENTS, 30)
     d_ang = torch.matmul((du[..., :, None] * t.ang[..., None, :10]).reshape(b, n, n, 30), table.t())
     return (torch.matmul(t.by_species.transpose(-1, -2), d_ang)
             + torch.matmul(d_by_species.transpose(-1, -2), t.ang))
@@ -416,10 +416,11 @@ class GaussianMomentDescriptor(nn.Module):
         ``fast=True`` computes the neighbour sums once, even for K copies, with a hand-written backward:
         for energies and forces at inference, not for training or Hessians (no second derivatives). With
         frozen coefficients it runs the compiled descriptor (:class:`~driver.models.fast_kernels.DescriptorC`)
-        where it is built, else :class:`_MomentSums` and the PyTorch invariants."""
+        where it is built and the batch is on the CPU, else :class:`_MomentSums` and the PyTorch invariants."""
         k = self.coefficients.shape[0]
         c = self.coefficients.reshape(k, self.n_species, self.n_species * self.n_basis, self.n_radial)
-        if fast and fast_kernels.AVAILABLE and not self.coefficients.requires_grad:
+        if (fast and fast_kernels.AVAILABLE and not self.coefficients.requires_grad
+                and batch.positions.device.type == "cpu"):
             positions, b = self._replicas(batch, k if per_member else 1)
             return fast_kernels.DescriptorC.apply(positions, batch.species[:b], c / math.sqrt(self.n_basis),
                                                   self.basis.centres, self.basis.beta, self.cutoff,
@@ -427,7 +428,7 @@ class GaussianMomentDescriptor(nn.Module):
         if per_member:
             n = batch.species.shape[1]
             species = batch.species.clamp(min=0).reshape(k, -1, n)                 # (K, B, N)
-            c_i = c[torch.arange(k)[:, None, None], species] / math.sqrt(self.n_basis)
+            c_i = c[torch.arange(k, device=species.device)[:, None, None], species] / math.sqrt(self.n_basis)
             if fast:
                 m = self._fast_moments(batch, k)                                   # (K, B, N, Q, 20)
             else:

@@ -25,14 +25,16 @@ class Batch:
 
 
 def make_batch(species_list, positions_list, dtype=torch.float32, device="cpu") -> Batch:
-    """Pad a list of (species indices, positions Å) into one :class:`Batch`."""
+    """Pad a list of (species indices, positions Å) into one :class:`Batch` on ``device`` (padded on the CPU,
+    then moved in one copy per tensor)."""
     n_max = max(len(s) for s in species_list)
     b = len(species_list)
-    species = torch.full((b, n_max), -1, dtype=torch.long, device=device)
-    positions = torch.zeros((b, n_max, 3), dtype=dtype, device=device)
+    species = torch.full((b, n_max), -1, dtype=torch.long)
+    positions = torch.zeros((b, n_max, 3), dtype=dtype)
     for k, (s, r) in enumerate(zip(species_list, positions_list)):
         species[k, : len(s)] = torch.as_tensor(np.asarray(s), dtype=torch.long)
         positions[k, : len(s)] = torch.as_tensor(np.asarray(r), dtype=dtype)
+    species, positions = species.to(device), positions.to(device)
     return Batch(species=species, positions=positions, mask=species >= 0)
 
 
