@@ -34,13 +34,15 @@ paper's ORCA 5 run in ``../shared/data/orca_P2/``, vibrational modes only, sorte
 ``pbe0_labels_ratio_transfer_vs_scratch``, ``transfer_labels``, ``transfer_scratch_harmonic_mae_cm-1``,
 ``transfer_finetune_harmonic_mae_cm-1``; plus the learning curve (``labels``, ``harmonic_mae_cm-1``, ...).
 
-``--smoke``: the plumbing only, in ~10-15 min: P1, no reference relaxation (the structure file's geometry), 2
+``--smoke``: the plumbing only, ~6.5 min here: P1, no reference relaxation (the structure file's geometry), 2
 labels per step (the minimum + 1 normal-mode structure; 2 temperatures x 1 frame), 1 iteration, tiny training;
 its ``--transfer`` uses n = 2, 4.
-Cost of the full setting on this 2-core machine (PBE0 on one core per label: P1 ~10 s, O1 ~20 s, P2 ~60 s): the
-reference relaxations and finite-difference Hessians (one core, P2 dominates) ~1.5-2 h, 300 labels on 2
-workers ~1-1.5 h, training and sampling ~1-1.5 h: about 4-5 h, over several sessions if need be; ``--transfer``
-adds 8 trainings.
+
+Cost of the full setting on this 2-core machine, from measured PBE0 (RI-JK) times per label on one core (busy
+machine): P1 10 s, O1 16 s, P2 38 s. The reference relaxations and finite-difference Hessians (6N + 1 gradients
+each, one core, in the manager) ~1.2 h, P2 most of it; 300 labels on 2 workers ~1 h; 9 trainings of 3 + 1
+members (500 epochs) ~1 h; sampling and measuring ~0.5 h: about 3.5-4 h, over several sessions if need be.
+``--transfer`` adds 8 trainings of energy members, ~0.5 h.
 """
 from __future__ import annotations
 
@@ -342,7 +344,7 @@ def main(argv=None) -> int:
     print(f"target: MAE <= {TARGET_CM:g} cm^-1 with <= 300 PBE0 labels: {mae[-1]:.2f} cm^-1 with {labels[-1]} labels "
           f"({'met' if mae[-1] <= TARGET_CM and labels[-1] <= 300 else 'not met'}); stopped: {state.get('stop_reason')}")
     v = orca["pbe0_vs_orca_P2_frequency_mae_cm-1"]
-    print(f"P2 reference frequencies, PySCF vs the paper's ORCA: " + (
+    print("P2 reference frequencies, PySCF vs the paper's ORCA: " + (
         f"MAE {v:.2f} cm^-1 (max {orca['pbe0_vs_orca_P2_frequency_max_abs_cm-1']:.2f}, mean signed "
         f"{orca['pbe0_vs_orca_P2_frequency_mean_signed_cm-1']:+.2f})" if math.isfinite(v)
         else f"n/a ({orca['pbe0_vs_orca_P2_reason']})"))

@@ -364,3 +364,17 @@ def test_pretrained_problems_are_one_line_naming_the_key(folder):
         load_config(_write(folder, PRETRAINED + "pretrained = 'xtb_models'\nmodel = { hidden = [16, 16] }\n"))
     for e in (err,):
         assert "\n" not in str(e.value)
+
+
+def test_pbe0_transfer_example_parses(tmp_path):
+    """examples/pbe0_transfer.toml: the demo's structures and an xTB committee of the demo as the pretrained one."""
+    (tmp_path / "examples").mkdir()
+    shutil.copy(REPO / "examples" / "pbe0_transfer.toml", tmp_path / "examples" / "pbe0_transfer.toml")
+    for name in ("MgSiO3_1_isomer01.xyz", "Mg2SiO4_1_isomer01.xyz"):
+        _structure(tmp_path / "demo_output" / "structures" / name)
+    with pytest.raises(ConfigError, match=r"train\.pretrained: committee folder .*iter_002 does not exist"):
+        load_config(tmp_path / "examples" / "pbe0_transfer.toml")
+    _tiny_committee(tmp_path / "demo_output" / "al" / "models" / "iter_002", n_members=3, n_dipole=1)
+    cfg = load_config(tmp_path / "examples" / "pbe0_transfer.toml")
+    assert cfg.reference.backend == "pyscf" and cfg.stopping.max_labels == 200
+    assert cfg.train.pretrained == str((tmp_path / "demo_output" / "al" / "models" / "iter_002").resolve())
