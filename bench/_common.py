@@ -65,3 +65,22 @@ def write_json(path: str, figures: dict) -> None:
     from spectra.atomic import write_json as _write
 
     _write(path, figures, indent=2)
+
+
+def accumulated_wall(workdir: Path, seconds: float) -> float:
+    """Wall seconds over every invocation on this work directory (a killed run resumes; its time counts)."""
+    import json
+
+    from spectra.atomic import write_json as _write
+
+    path = Path(workdir) / "bench_wall.json"
+    before = json.loads(path.read_text()).get("seconds", 0.0) if path.is_file() else 0.0
+    _write(path, {"seconds": before + seconds})
+    return before + seconds
+
+
+def per_structure_mae(state: dict, iteration: int) -> dict:
+    """Harmonic MAE (cm^-1) per structure at ``iteration`` of an active-learning state (state.json)."""
+    holder = state["initial"] if iteration == 0 else state["iterations"].get(str(iteration), {})
+    measured = (holder.get("measured") or {}).get("harmonic", {}).get("structures", {})
+    return {n: float(v["mae_cm-1"]) for n, v in measured.items()}

@@ -36,6 +36,9 @@ CLUSTERS = {"P1": "pyroxene_N01_GM.xyz", "O1": "olivine_N01_GM.xyz",
             "P2": "pyroxene_N02_GM.xyz", "O2": "olivine_N02_GM.xyz"}
 
 
+from _common import accumulated_wall, per_structure_mae  # noqa: E402
+
+
 def settings(quick: bool, workdir: Path) -> dict:
     """The TOML-equivalent configuration (validated by al_manager.learning.config like any user file)."""
     common = {
@@ -138,8 +141,8 @@ def main(argv=None) -> int:
     mae = [float(r["harmonic_mae_cm-1"]) for r in rows]
     rmse = [float(r["harmonic_rmse_cm-1"]) for r in rows]
     state = json.loads((workdir / "state.json").read_text())
-    per_final = _per_structure(state, int(rows[-1]["iteration"]))
-    per_initial = _per_structure(state, 0)
+    per_final = per_structure_mae(state, int(rows[-1]["iteration"]))
+    per_initial = per_structure_mae(state, 0)
 
     print(f"\nlabel efficiency against GFN2-xTB on {', '.join(CLUSTERS)} "
           f"({'quick' if args.quick else 'full'} mode, {time.time() - t0:.0f} s this invocation)")
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
               f"F {test['test_force_mae_eV_per_A']:.4f} eV/Å (0.043), mu {test['test_dipole_mae_D']:.4f} D (0.074); "
               f"calibrated std vs actual error: Spearman E {test['energy_spearman']:.2f}, F {test['force_spearman']:.2f}; "
               f"error/std E {test['energy_error_over_std']:.2f}, F {test['force_error_over_std']:.2f}")
-    wall_hours = _accumulated_wall(workdir, time.time() - t0) / 3600.0
+    wall_hours = accumulated_wall(workdir, time.time() - t0) / 3600.0
     control = None
     if args.control:
         control = control_chain(workdir, cfg, len(rows) - 1)
@@ -231,22 +234,6 @@ def test_set(workdir: Path, cfg, models: Path, frames_per_run: int, ps: float) -
         done.parent.mkdir(parents=True, exist_ok=True)
         done.touch()
     return uncertainty_report(models, read_frames(db))
-
-
-def _accumulated_wall(workdir: Path, seconds: float) -> float:
-    """Wall seconds over every invocation on this work directory (a killed run resumes; its time counts)."""
-    from spectra.atomic import write_json
-
-    path = workdir / "bench_wall.json"
-    before = json.loads(path.read_text()).get("seconds", 0.0) if path.is_file() else 0.0
-    write_json(path, {"seconds": before + seconds})
-    return before + seconds
-
-
-def _per_structure(state: dict, iteration: int) -> dict:
-    holder = state["initial"] if iteration == 0 else state["iterations"].get(str(iteration), {})
-    measured = (holder.get("measured") or {}).get("harmonic", {}).get("structures", {})
-    return {n: float(v["mae_cm-1"]) for n, v in measured.items()}
 
 
 def _f(value) -> str:

@@ -65,6 +65,9 @@ TARGET_CM = 2.0          # the issue's target: harmonic MAE <= 2.0 cm^-1 against
 TRANSFER_N = (25, 50, 100, 200)
 
 
+from _common import accumulated_wall, per_structure_mae  # noqa: E402
+
+
 def settings(workdir: Path, *, smoke: bool, budget: int, n_select: int, density_fit: str,
              pretrained: Path | None = None, iterations: int | None = None) -> dict:
     """The TOML-equivalent configuration (validated by al_manager.learning.config like any user file)."""
@@ -219,16 +222,6 @@ def transfer_study(workdir: Path, cfg, pretrained: Path, counts, epochs: int | N
 
 
 # ---------------------------------------------------------------------- bookkeeping
-def _accumulated_wall(workdir: Path, seconds: float) -> float:
-    """Wall seconds over every invocation on this work directory (a killed run resumes; its time counts)."""
-    from spectra.atomic import write_json
-
-    path = workdir / "bench_wall.json"
-    before = json.loads(path.read_text()).get("seconds", 0.0) if path.is_file() else 0.0
-    write_json(path, {"seconds": before + seconds})
-    return before + seconds
-
-
 def _same_run(workdir: Path, identity: dict) -> None:
     """A work directory belongs to one setting (mode, pretrained committee): a rerun with another is refused."""
     from spectra.atomic import write_json
@@ -243,12 +236,6 @@ def _same_run(workdir: Path, identity: dict) -> None:
     else:
         workdir.mkdir(parents=True, exist_ok=True)
         write_json(path, identity)
-
-
-def _per_structure(state: dict, iteration: int) -> dict:
-    holder = state["initial"] if iteration == 0 else state["iterations"].get(str(iteration), {})
-    measured = (holder.get("measured") or {}).get("harmonic", {}).get("structures", {})
-    return {n: float(v["mae_cm-1"]) for n, v in measured.items()}
 
 
 def _f(value, digits: int = 3) -> str:
@@ -327,7 +314,7 @@ def main(argv=None) -> int:
         transfer = (transfer_study(workdir, cfg, pretrained, args.transfer_n or ((2, 4) if args.smoke else TRANSFER_N),
                                    args.transfer_epochs) if args.transfer else {})
     finally:
-        wall_hours = _accumulated_wall(workdir, time.time() - t0) / 3600.0
+        wall_hours = accumulated_wall(workdir, time.time() - t0) / 3600.0
 
     start = f"fine-tuned from {pretrained}" if pretrained else "from scratch"
     print(f"\nPBE0/def2-SVP (PySCF, {args.density_fit}) active learning on {', '.join(cfg.structure_files)}, "
@@ -339,7 +326,7 @@ def main(argv=None) -> int:
         print(f"{r['iteration']:>4} {lab:>7} {r['new_labels'] or '-':>4} {m:>9.2f} {s:>10.2f} "
               f"{_f(r['val_energy_mae_meV_per_atom'], 2):>13} {_f(r['val_force_mae_eV_per_A']):>11} "
               f"{_f(r['val_dipole_mae_D']):>9}")
-    per_final = _per_structure(state, int(rows[-1]["iteration"]))
+    per_final = per_structure_mae(state, int(rows[-1]["iteration"]))
     print("per structure, final MAE cm-1: " + ", ".join(f"{n} {v:.2f}" for n, v in per_final.items()))
     print(f"target: MAE <= {TARGET_CM:g} cm^-1 with <= 300 PBE0 labels: {mae[-1]:.2f} cm^-1 with {labels[-1]} labels "
           f"({'met' if mae[-1] <= TARGET_CM and labels[-1] <= 300 else 'not met'}); stopped: {state.get('stop_reason')}")

@@ -106,3 +106,17 @@ def small_config():
     from driver.models.committee import ModelConfig
 
     return ModelConfig(hidden=(32, 32), dipole_features=16, dipole_interactions=2, dipole_gaussians=10)
+
+
+@pytest.fixture
+def ipi_children():
+    """(processes, socket names) a test starts: stopped and removed after it, also when it fails."""
+    from ipi_inputs.files import SOCKETS_PREFIX
+
+    started, sockets = [], []
+    yield started, sockets
+    for proc in started:
+        stop(proc)
+    for name in sockets:
+        if os.path.exists(SOCKETS_PREFIX + name):
+            os.unlink(SOCKETS_PREFIX + name)

@@ -5,7 +5,6 @@ Every i-PI uses its own UNIX socket name; processes are ended (by pid) and socke
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -20,27 +19,20 @@ from driver.geometry_checks import fragments
 from driver.ipi.batch_server import Target, partition_by_size
 from driver.models.committee import load_committee
 from ipi_inputs import render_input
-from conftest import BIN, CHILD_ENV, cluster, stop, untrained_committee
+from conftest import BIN, CHILD_ENV, cluster, untrained_committee
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def procs(ipi_children):
+    return ipi_children
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     """An untrained committee: the server's plumbing and units, not physics."""
     return untrained_committee(tmp_path_factory.mktemp("batch") / "models")
-
-
-@pytest.fixture
-def procs():
-    started, sockets = [], []
-    yield started, sockets
-    for proc in started:
-        stop(proc)
-    for name in sockets:
-        path = f"/tmp/ipi_{name}"
-        if os.path.exists(path):
-            os.unlink(path)
 
 
 def start_ipi(procs, folder: Path, structure: Path, steps: int, seed: int):

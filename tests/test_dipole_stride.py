@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -31,28 +30,22 @@ from ipi_inputs import render_input
 from ipi_inputs.files import dipole_labels, latest_checkpoint
 from spectra.autocorrelation import SpectrumOptions, md_committee_spectrum, run_spectrum
 from spectra.io import read_dipole_members, read_dipoles
-from conftest import BIN, CHILD_ENV, cluster, stop, untrained_committee
+from conftest import BIN, CHILD_ENV, cluster, untrained_committee
 
 ROOT = Path(__file__).resolve().parents[1]
 C = units._c * 1e2 * 1e-15  # cm/fs
 STRIDE = 4                  # 2 fs at 0.5 fs
 
 
+@pytest.fixture
+def procs(ipi_children):
+    return ipi_children
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     """3 energy + 2 dipole members, untrained: plumbing and step numbering, not physics."""
     return untrained_committee(tmp_path_factory.mktemp("stride") / "models")
-
-
-@pytest.fixture
-def procs():
-    started, sockets = [], []
-    yield started, sockets
-    for proc in started:
-        stop(proc)
-    for name in sockets:
-        if os.path.exists(f"/tmp/ipi_{name}"):
-            os.unlink(f"/tmp/ipi_{name}")
 
 
 def _render(folder: Path, structure: Path, steps: int, stride: int, sockets: list, temperature=300.0, **kw):
