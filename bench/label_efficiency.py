@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="delete the work directory first")
     p.add_argument("--iterations", type=int, default=None, metavar="N",
                    help="maximum iterations (default: 3 quick, 12 full); raising it continues a finished run")
+    p.add_argument("--report-only", action="store_true",
+                   help="no further iteration: report the work directory as it stands (a run stopped early), "
+                        "with the test set of its last measured committee")
     p.add_argument("--test-frames", type=int, default=10, metavar="N",
                    help="the paper's test set: N random frames per cluster and temperature (400/800/1200 K) from "
                         "MD with the final committee, labelled by the oracle, never trained on (0: skip)")
@@ -132,7 +135,11 @@ def main(argv=None) -> int:
         raw["stopping"]["max_iterations"] = args.iterations
     cfg = parse_config(raw, base_dir=REPO)
     t0 = time.time()
-    rc = run_loop(cfg)
+    try:
+        rc = 0 if args.report_only else run_loop(cfg)
+    finally:  # a killed or interrupted invocation's time counts too (SIGTERM arrives as an exception here)
+        accumulated_wall(workdir, time.time() - t0)
+        t0 = time.time()
     if rc != 0:
         print(f"label_efficiency: the active-learning loop stopped with status {rc}", file=sys.stderr)
         return rc
