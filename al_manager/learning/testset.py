@@ -29,6 +29,7 @@ def sample_md_frames(models: str | Path, structures: dict[str, str], temperature
     random (``seed``) after ``equilibration_ps``. A run whose committee disagreement explodes (non-finite
     forces, or atoms flying apart) stops early and keeps the frames it had; each frame carries
     ``info['cluster']``, ``info['temperature']``, ``info['md_step']``."""
+    from ase.constraints import FixCom
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
 
@@ -49,8 +50,9 @@ def sample_md_frames(models: str | Path, structures: dict[str, str], temperature
             MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
             Stationary(atoms)
             ZeroRotation(atoms)
+            atoms.set_constraint(FixCom())   # a free cluster: no drift of the centre of mass
             dyn = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature,
-                           friction=friction_per_fs / units.fs, rng=rng)
+                           friction=friction_per_fs / units.fs, rng=rng, fixcm=False)
             picks = set(rng.choice(np.arange(n_equil, n_steps), size=min(frames_per_run, n_steps - n_equil),
                                    replace=False).tolist())
             kept, reason = [], "done"
