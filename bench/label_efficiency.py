@@ -36,6 +36,7 @@ CLUSTERS = {"P1": "pyroxene_N01_GM.xyz", "O1": "olivine_N01_GM.xyz",
             "P2": "pyroxene_N02_GM.xyz", "O2": "olivine_N02_GM.xyz"}
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common, also when imported by a test
 from _common import accumulated_wall, per_structure_mae  # noqa: E402
 
 

@@ -65,6 +65,7 @@ TARGET_CM = 2.0          # the issue's target: harmonic MAE <= 2.0 cm^-1 against
 TRANSFER_N = (25, 50, 100, 200)
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common, also when imported by a test
 from _common import accumulated_wall, per_structure_mae  # noqa: E402
 
 

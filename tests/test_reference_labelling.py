@@ -229,9 +229,15 @@ def test_a_dying_worker_process_is_survived(clusters, tmp_path):
 
     thread = threading.Thread(target=kill_first_worker, daemon=True)
     thread.start()
-    report = label_structures([p1, o1], "xtb", tmp_path / "kill.db", workers=1, progress=False)
+    # enough work that the kill lands before the last label (xTB takes ~10 ms per frame here)
+    frames = [p1, o1]
+    for k in range(40):
+        frame = o1.copy()
+        frame.rattle(0.02, seed=k)
+        frames.append(frame)
+    report = label_structures(frames, "xtb", tmp_path / "kill.db", workers=1, progress=False)
     thread.join(timeout=5)
     assert killed, "no worker process was seen"
     assert report.pool_restarts == 1
-    assert (report.n_labelled, report.n_failed) == (2, 0)  # in-flight work was redone, nothing lost
-    assert len(connect(tmp_path / "kill.db")) == 2
+    assert (report.n_labelled, report.n_failed) == (42, 0)  # in-flight work was redone, nothing lost
+    assert len(connect(tmp_path / "kill.db")) == 42
