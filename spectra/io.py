@@ -277,25 +277,34 @@ def _read_ipi_members(path: Path):
     return np.transpose(np.asarray(frames), (1, 0, 2)), np.asarray(steps)
 
 
-def _read_npz_members(path: Path):
+def _load_npz(path: Path, keys: tuple[str, ...], ndim: int, expected: str):
+    """(array, its key, steps or None) of the first of ``keys`` in an ``.npz``, checked: ``ndim`` dimensions
+    with 3 components last, finite frames (axis -2), steps one per frame. Errors name the file."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            keys = list(z.keys())
-            if "dipole_members" not in keys:
-                raise ValueError(f"{path}: no 'dipole_members' array (found: {', '.join(keys) or 'nothing'})")
-            dip = np.asarray(z["dipole_members"], dtype=float)
-            steps = np.asarray(z["steps"]) if "steps" in keys else None
+            found = list(z.keys())
+            key = next((k for k in keys if k in found), None)
+            if key is None:
+                raise ValueError(f"{path}: no '{keys[0]}' array (found: {', '.join(found) or 'nothing'})")
+            dip = np.asarray(z[key], dtype=float)
+            steps = np.asarray(z["steps"]) if "steps" in found else None
     except ValueError:
         raise
     except Exception as exc:  # zipfile/pickle errors of a damaged file
         raise ValueError(f"{path}: not a readable .npz file ({exc.__class__.__name__}: {exc})") from None
-    if dip.ndim != 3 or dip.shape[2] != 3:
-        raise ValueError(f"{path}: 'dipole_members' has shape {dip.shape}, expected (n_members, n_frames, 3)")
-    bad = ~np.all(np.isfinite(dip), axis=(0, 2))
+    if dip.ndim != ndim or dip.shape[-1] != 3:
+        raise ValueError(f"{path}: '{key}' has shape {dip.shape}, expected {expected}")
+    bad = ~np.all(np.isfinite(dip), axis=tuple(a for a in range(ndim) if a != ndim - 2))
     if np.any(bad):
         raise ValueError(f"{path}: frame {int(np.argmax(bad))}: NaN or inf dipole")
-    if steps is not None and steps.shape != (dip.shape[1],):
-        raise ValueError(f"{path}: 'steps' has shape {steps.shape}, expected ({dip.shape[1]},)")
+    n_frames = dip.shape[-2]
+    if steps is not None and steps.shape != (n_frames,):
+        raise ValueError(f"{path}: 'steps' has shape {steps.shape}, expected ({n_frames},)")
+    return dip, key, steps
+
+
+def _read_npz_members(path: Path):
+    dip, _, steps = _load_npz(path, ("dipole_members",), 3, "(n_members, n_frames, 3)")
     return dip, steps
 
 
@@ -326,25 +335,7 @@ def _read_text(path: Path):
 
 
 def _read_npz(path: Path):
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = list(z.keys())
-            key = "dipoles" if "dipoles" in keys else ("dipole" if "dipole" in keys else None)
-            if key is None:
-                raise ValueError(f"{path}: no 'dipoles' array (found: {', '.join(keys) or 'nothing'})")
-            dip = np.asarray(z[key], dtype=float)
-            steps = np.asarray(z["steps"]) if "steps" in keys else None
-    except ValueError:
-        raise
-    except Exception as exc:  # zipfile/pickle errors of a damaged file
-        raise ValueError(f"{path}: not a readable .npz file ({exc.__class__.__name__}: {exc})") from None
-    if dip.ndim != 2 or dip.shape[1] != 3:
-        raise ValueError(f"{path}: '{key}' has shape {dip.shape}, expected (n_frames, 3)")
-    bad = ~np.all(np.isfinite(dip), axis=1)
-    if np.any(bad):
-        raise ValueError(f"{path}: frame {int(np.argmax(bad))}: NaN or inf dipole")
-    if steps is not None and steps.shape != (len(dip),):
-        raise ValueError(f"{path}: 'steps' has shape {steps.shape}, expected ({len(dip)},)")
+    dip, _, steps = _load_npz(path, ("dipoles", "dipole"), 2, "(n_frames, 3)")
     return dip, steps
 
 
