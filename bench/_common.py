@@ -84,3 +84,16 @@ def per_structure_mae(state: dict, iteration: int) -> dict:
     holder = state["initial"] if iteration == 0 else state["iterations"].get(str(iteration), {})
     measured = (holder.get("measured") or {}).get("harmonic", {}).get("structures", {})
     return {n: float(v["mae_cm-1"]) for n, v in measured.items()}
+
+
+def learning_curve(workdir: Path):
+    """(report rows, labels, harmonic MAE, harmonic RMSE in cm^-1, state) of an active-learning work directory."""
+    import json
+
+    from al_manager.learning.report import read_report_csv
+
+    rows = read_report_csv(Path(workdir) / "report.csv")
+    labels = [int(r["labels"]) for r in rows]
+    mae = [float(r["harmonic_mae_cm-1"]) for r in rows]
+    rmse = [float(r["harmonic_rmse_cm-1"]) for r in rows]
+    return rows, labels, mae, rmse, json.loads((Path(workdir) / "state.json").read_text())

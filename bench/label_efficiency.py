@@ -22,7 +22,6 @@ The paper reached 1.6 cm^-1 with 3458 PBE0 labels for 20 clusters; this benchmar
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -37,7 +36,7 @@ CLUSTERS = {"P1": "pyroxene_N01_GM.xyz", "O1": "olivine_N01_GM.xyz",
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common, also when imported by a test
-from _common import accumulated_wall, per_structure_mae  # noqa: E402
+from _common import accumulated_wall, learning_curve, per_structure_mae  # noqa: E402
 
 
 def settings(quick: bool, workdir: Path) -> dict:
@@ -129,7 +128,6 @@ def main(argv=None) -> int:
 
     from al_manager.learning.config import parse_config
     from al_manager.learning.loop import run_loop
-    from al_manager.learning.report import read_report_csv
 
     raw = settings(args.quick, workdir)
     if args.iterations is not None:
@@ -144,11 +142,7 @@ def main(argv=None) -> int:
     if rc != 0:
         print(f"label_efficiency: the active-learning loop stopped with status {rc}", file=sys.stderr)
         return rc
-    rows = read_report_csv(workdir / "report.csv")
-    labels = [int(r["labels"]) for r in rows]
-    mae = [float(r["harmonic_mae_cm-1"]) for r in rows]
-    rmse = [float(r["harmonic_rmse_cm-1"]) for r in rows]
-    state = json.loads((workdir / "state.json").read_text())
+    rows, labels, mae, rmse, state = learning_curve(workdir)
     per_final = per_structure_mae(state, int(rows[-1]["iteration"]))
     per_initial = per_structure_mae(state, 0)
 

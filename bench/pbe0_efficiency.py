@@ -66,7 +66,7 @@ TRANSFER_N = (25, 50, 100, 200)
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common, also when imported by a test
-from _common import accumulated_wall, per_structure_mae  # noqa: E402
+from _common import accumulated_wall, learning_curve, per_structure_mae  # noqa: E402
 
 
 def settings(workdir: Path, *, smoke: bool, budget: int, n_select: int, density_fit: str,
@@ -293,7 +293,6 @@ def main(argv=None) -> int:
 
     from al_manager.learning.config import parse_config
     from al_manager.learning.loop import run_loop
-    from al_manager.learning.report import read_report_csv
 
     raw = settings(workdir, smoke=args.smoke, budget=budget, n_select=args.initial, density_fit=args.density_fit,
                    pretrained=pretrained, iterations=args.iterations)
@@ -305,11 +304,7 @@ def main(argv=None) -> int:
             print(f"pbe0_efficiency: the active-learning loop stopped with status {rc}; rerun to resume",
                   file=sys.stderr)
             return rc
-        rows = read_report_csv(workdir / "report.csv")
-        labels = [int(r["labels"]) for r in rows]
-        mae = [float(r["harmonic_mae_cm-1"]) for r in rows]
-        rmse = [float(r["harmonic_rmse_cm-1"]) for r in rows]
-        state = json.loads((workdir / "state.json").read_text())
+        rows, labels, mae, rmse, state = learning_curve(workdir)
         final_models = (workdir / rows[-1]["model"]).resolve()
         orca = orca_p2_check(workdir)
         transfer = (transfer_study(workdir, cfg, pretrained, args.transfer_n or ((2, 4) if args.smoke else TRANSFER_N),
