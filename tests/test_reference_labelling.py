@@ -221,8 +221,9 @@ def test_a_dying_worker_process_is_survived(clusters, tmp_path):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not killed:
             pids = _pool_workers()
-            if pids:
-                time.sleep(0.1)  # still starting up: both structures are in flight
+            db = tmp_path / "kill.db"
+            # labelling has begun (a first label is written): the pool is up and work is in flight
+            if pids and db.exists() and len(connect(db)) >= 1:
                 os.kill(pids[0], signal.SIGKILL)  # our own child, as the OOM killer would
                 killed.append(pids[0])
             time.sleep(0.05)
