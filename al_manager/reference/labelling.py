@@ -433,16 +433,23 @@ def label_structures(structures: list[Atoms], backend: str, db_path, *, workers:
     pool = _make_executor(executor, workers, threads)
     finished = False
     try:
+        fruitless_restarts = 0
         while pending or inflight:
+            pool_broke = False
             while pending and len(inflight) < max_inflight:
                 i = pending[0]
                 if crashes[i] and inflight:
                     break  # a structure that was in flight when a worker died runs alone
+                try:
+                    future = submit(pool, i)
+                except BrokenProcessPool:
+                    pool_broke = True  # a worker died before this was handed over; i stays pending
+                    break
                 pending.popleft()
-                inflight[submit(pool, i)] = i
+                inflight[future] = i
                 if crashes[i]:
                     break
-            done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+            done = wait(list(inflight), return_when=FIRST_COMPLETED)[0] if inflight else ()
             broken = []
             for fut in done:
                 i = inflight.pop(fut)
@@ -463,19 +470,26 @@ def label_structures(structures: list[Atoms], backend: str, db_path, *, workers:
                         fail(i, out["reason"])
                 if bar is not None:
                     bar.update(1)
-            if broken:
+                fruitless_restarts = 0
+            if broken or pool_broke:
                 # the pool is unusable: everything in flight is lost; a structure that was alone dies for good
+                fruitless_restarts += 1
                 broken += list(inflight.values())
                 inflight.clear()
                 pool.shutdown(wait=False, cancel_futures=True)
                 for i in reversed(broken):
                     if crashes[i]:
                         fail(i, "worker process died (crash or out of memory) while computing this structure")
+                        fruitless_restarts = 0
                         if bar is not None:
                             bar.update(1)
                     else:
                         crashes[i] += 1
                         pending.appendleft(i)
+                if fruitless_restarts > 5:
+                    raise RuntimeError(f"the {backend} worker processes keep dying before any structure "
+                                       f"completes ({fruitless_restarts} pool restarts in a row); "
+                                       "check memory limits and the backend's installation")
                 pool = _make_executor(executor, workers, threads)
                 report.pool_restarts += 1
         finished = True
