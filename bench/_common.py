@@ -79,9 +79,13 @@ def accumulated_wall(workdir: Path, seconds: float) -> float:
     return before + seconds
 
 
-def per_structure_mae(state: dict, iteration: int) -> dict:
-    """Harmonic MAE (cm^-1) per structure at ``iteration`` of an active-learning state (state.json)."""
-    holder = state["initial"] if iteration == 0 else state["iterations"].get(str(iteration), {})
+def per_structure_mae(state: dict, iteration) -> dict:
+    """Harmonic MAE (cm^-1) per structure at ``iteration`` (a number, or ``"final"`` for the long final
+    training) of an active-learning state (state.json)."""
+    if str(iteration) == "final":
+        holder = state.get("final") or {}
+    else:
+        holder = state["initial"] if int(iteration) == 0 else state["iterations"].get(str(iteration), {})
     measured = (holder.get("measured") or {}).get("harmonic", {}).get("structures", {})
     return {n: float(v["mae_cm-1"]) for n, v in measured.items()}
 

@@ -322,7 +322,7 @@ def main(argv=None) -> int:
         print(f"{r['iteration']:>4} {lab:>7} {r['new_labels'] or '-':>4} {m:>9.2f} {s:>10.2f} "
               f"{_f(r['val_energy_mae_meV_per_atom'], 2):>13} {_f(r['val_force_mae_eV_per_A']):>11} "
               f"{_f(r['val_dipole_mae_D']):>9}")
-    per_final = per_structure_mae(state, int(rows[-1]["iteration"]))
+    per_final = per_structure_mae(state, rows[-1]["iteration"])
     print("per structure, final MAE cm-1: " + ", ".join(f"{n} {v:.2f}" for n, v in per_final.items()))
     print(f"target: MAE <= {TARGET_CM:g} cm^-1 with <= 300 PBE0 labels: {mae[-1]:.2f} cm^-1 with {labels[-1]} labels "
           f"({'met' if mae[-1] <= TARGET_CM and labels[-1] <= 300 else 'not met'}); stopped: {state.get('stop_reason')}")

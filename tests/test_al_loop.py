@@ -33,7 +33,8 @@ def env() -> dict:
 
 
 def write_config(folder: Path, workdir: Path, *, max_iterations: int = 2, extra: str = "",
-                 structure: Path | None = None, backend: str = "xtb", temperatures=TEMPERATURES) -> Path:
+                 structure: Path | None = None, backend: str = "xtb", temperatures=TEMPERATURES,
+                 final_epochs: int = 0) -> Path:
     structure = structure or shared_file("structures", "pyroxene_N01_GM.xyz")
     text = f"""
 workdir = "{workdir}"
@@ -56,6 +57,7 @@ mpi_ranks = 2
 [stopping]
 patience = 5
 max_iterations = {max_iterations}
+final_epochs = {final_epochs}
 
 [initial_data]
 n_random = 2
@@ -212,6 +214,40 @@ def test_two_iterations_grow_the_database_by_the_flagged_frames(uninterrupted):
     status = nanosil("al", "status", workdir, cwd=workdir)
     assert status.returncode == 0 and "phase done, iteration 2" in status.stdout
     assert "no manager running" in status.stdout
+
+
+@pytest.mark.slow
+def test_a_final_training_from_scratch_becomes_the_result(uninterrupted, tmp_path):
+    """``[stopping] final_epochs`` added to a finished run: one from-scratch training on every label into
+    models/final, measured into the row ``final``; a rerun trains nothing; a longer one keeps the old."""
+    from al_manager.learning.report import read_report_csv
+    from driver.models.committee import load_committee
+
+    workdir = copy_workdir(uninterrupted[0], tmp_path / "wd")
+    config = write_config(tmp_path, workdir, max_iterations=2, final_epochs=12)
+    proc = nanosil("al", "run", config, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    state = state_of(workdir)
+    assert state["phase"] == "done" and state["final"]["epochs"] == 12 and state["final"]["after_iteration"] == 2
+    committee = load_committee(workdir / "models" / "final")
+    cfg = committee.metadata["train_config"]
+    assert cfg["warm_start"] is None and cfg["epochs"] == 12 and cfg["patience"] == 12  # from scratch, no early stop
+    report = read_report_csv(workdir / "report.csv")
+    assert [r["iteration"] for r in report] == ["0", "1", "2", "final"]
+    assert report[-1]["labels"] == report[-2]["labels"] == "11" and report[-1]["model"] == "models/final"
+    final_mae = state["final"]["measured"]["harmonic"]["mae_cm-1"]
+    assert final_mae > 0 and float(report[-1]["harmonic_mae_cm-1"]) == pytest.approx(final_mae, rel=1e-5)
+    assert "final: harmonic MAE" in proc.stdout and "models " + str(workdir / "models" / "final") in proc.stdout
+
+    again = nanosil("al", "run", config, cwd=tmp_path)
+    assert again.returncode == 0 and ": training " not in again.stdout and "finished" in again.stdout
+
+    longer = write_config(tmp_path, workdir, max_iterations=2, final_epochs=14)
+    proc = nanosil("al", "run", longer, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert (workdir / "models" / "final_after_iter_002_12_epochs" / "committee.json").is_file()
+    assert load_committee(workdir / "models" / "final").metadata["train_config"]["epochs"] == 14
+    assert [r["iteration"] for r in read_report_csv(workdir / "report.csv")] == ["0", "1", "2", "final"]
 
 
 @pytest.mark.slow

@@ -52,6 +52,9 @@ Layout (every section and key but ``structures`` is optional; the values shown a
     max_iterations = 20
     # max_labels = 400                 # a label budget: an iteration labels at most what is left of it
                                        # (its most uncertain frames), and the loop stops when it is spent
+    final_epochs = 0                   # > 0: once the loop stops, train the committee from scratch on every
+                                       # label for this many epochs (no early stopping) -> models/final,
+                                       # measured like an iteration (row "final" of report.csv)
 
     [initial_data]                     # al_manager.learning.initial_data.InitialDataSettings
     relax = true                       # relax with the reference method first (also the start of sampling)
@@ -133,8 +136,15 @@ class StoppingRule:
     patience: int = 3           # iterations without a better harmonic-frequency MAE
     max_iterations: int = 20
     max_labels: int | None = None   # stop once the dataset holds this many labels (a label budget)
+    # Warm-started retrains are short (the loop's [train] epochs); the model's capacity needs a long schedule
+    # from fresh weights (issue 12: 1500 epochs from scratch on normal-mode data alone reach the paper's
+    # harmonic accuracy), so the result of the loop is one long training on every label. 0: the last
+    # iteration's committee is the result.
+    final_epochs: int = 0
 
     def __post_init__(self):
+        if self.final_epochs < 0:
+            raise ValueError(f"final_epochs must be >= 0, got {self.final_epochs}")
         if self.max_labels is not None and self.max_labels < 1:
             raise ValueError(f"max_labels must be >= 1, got {self.max_labels}")
         if self.patience < 1:

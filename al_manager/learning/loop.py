@@ -13,7 +13,10 @@ iteration k = 1, 2, ...
     ``training``: warm start from ``models/iter_{k-1}`` into ``models/iter_k``;
     ``measure``: harmonic-frequency MAE/RMSE against the reference (:mod:`al_manager.learning.measure`), validation
     errors, label counts; a row of ``report.csv`` and ``learning_curve.png`` (:mod:`al_manager.learning.report`).
-It stops when the harmonic MAE has not improved for ``patience`` iterations or after ``max_iterations``.
+It stops when the harmonic MAE has not improved for ``patience`` iterations, after ``max_iterations`` or once
+``max_labels`` are spent. With ``[stopping] final_epochs`` one more step follows:
+``final``: the committee trained from scratch on every label for that many epochs into ``WORKDIR/models/final``,
+    measured like an iteration (the row ``final`` of ``report.csv``); it is the loop's result.
 
 Durability: labels are written one transaction each and never computed twice (the dataset's structure
 hash); models are written atomically; the state file after every step, every flagged frame and every
@@ -28,6 +31,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -138,13 +142,13 @@ class Manager:
     def run(self, init_only: bool = False) -> int:
         steps = {"initial_data": self.initial_data, "initial_label": self.initial_label,
                  "initial_train": self.initial_train, "sampling": self.sampling, "labelling": self.labelling,
-                 "training": self.training, "measure": self.measure}
+                 "training": self.training, "measure": self.measure, "final": self.final}
         self._maybe_reopen()
         while True:
             phase, k = self.state.phase, self.state.iteration
             if phase == "done":
                 self.log(f"finished: {self.state.get('stop_reason')}; report {self.workdir / REPORT_NAME}, "
-                         f"models {self._model_of(self.final_iteration())}")
+                         f"models {self.result_model()}")
                 return 0
             if init_only and k >= 1:
                 self.log(f"initial committee ready: {self.model_dir(0)} ({self.n_labels()} labels); "
@@ -158,9 +162,16 @@ class Manager:
         done = [int(k) for k, r in self.state["iterations"].items() if r.get("measured")]
         return max(done, default=0)
 
+    def result_model(self) -> Path:
+        """The loop's result: the long final training when there is one, else the last iteration's committee."""
+        if (self.state.get("final") or {}).get("row"):
+            return self.workdir / self.state["final"]["row"]["model"]
+        return self._model_of(self.final_iteration())
+
     def _maybe_reopen(self) -> None:
         """A finished work directory whose stopping rule no longer holds (max_iterations raised in the
-        configuration) goes on with the next iteration."""
+        configuration) goes on with the next iteration; one that now asks for a final training (or a
+        longer one) gets it."""
         if self.state.phase != "done":
             return
         k = self.final_iteration()
@@ -168,8 +179,12 @@ class Manager:
         if (self.state.get("stop_reason") or "").startswith("max_iterations") and k < stopping.max_iterations \
                 and self.state.get("since_best", 0) < stopping.patience:
             self.log(f"max_iterations raised to {stopping.max_iterations}: continuing after iteration {k}")
+            self._retire_final(k)
             self.state["stop_reason"] = None
             self.state.set_phase("sampling", k + 1)
+        elif stopping.final_epochs and (self.state.get("final") or {}).get("epochs") != stopping.final_epochs:
+            self._retire_final(k)
+            self.state.set_phase("final", k)
 
     # -- iteration 0 -------------------------------------------------------------------------------
     def initial_data(self) -> None:
@@ -396,9 +411,55 @@ class Manager:
         self.state["started_iteration"] = time.time()
         if stop:
             self.state["stop_reason"] = stop
-            self.state.set_phase("done", k)
+            self.state.set_phase("final" if stopping.final_epochs else "done", k)
         else:
             self.state.set_phase("sampling", k + 1)
+
+    def final(self) -> None:
+        """The long from-scratch training on every label (``[stopping] final_epochs``), then its measure."""
+        import dataclasses
+
+        from .measure import harmonic_errors, validation_errors
+
+        k = self.state.iteration
+        epochs = self.config.stopping.final_epochs
+        out = self.workdir / "models" / "final"
+        self.log(f"final: {self.state.get('stop_reason')}; training the committee from scratch on every label "
+                 f"for {epochs} epochs (no early stopping) -> {out.relative_to(self.workdir)}")
+        # no early stopping: the best-validation weights of the whole decaying schedule are kept
+        cfg = dataclasses.replace(self.config.train_config(warm_start=None), epochs=epochs, patience=epochs)
+        self._train(k, warm_start=None, out=out, cfg=cfg, name="final")
+        t0 = time.time()
+        errors = harmonic_errors(out, self.references())
+        val = validation_errors(out)
+        row = {"iteration": "final", "labels": self.n_labels(), "new_labels": 0,
+               "harmonic_mae_cm-1": errors["mae_cm-1"], "harmonic_rmse_cm-1": errors["rmse_cm-1"],
+               "model": str(out.relative_to(self.workdir)),
+               "val_energy_mae_meV_per_atom": val.get("energy_mae_meV_per_atom"),
+               "val_force_mae_eV_per_A": val.get("force_mae_eV_per_A"), "val_dipole_mae_D": val.get("dipole_mae_D"),
+               "seconds": round(time.time() - self.state.get("started_iteration", time.time()), 1)}
+        self.state["final"] = {"after_iteration": k, "epochs": epochs, "row": row,
+                               "measured": {"harmonic": errors, "validation": val}}
+        self._write_report()
+        per = ", ".join(f"{n} {e['mae_cm-1']:.2f}" for n, e in errors["structures"].items())
+        last = self.state["iterations"].get(str(k), {}).get("row") or self.state["initial"].get("row") or {}
+        before = f" (iteration {k}: {last['harmonic_mae_cm-1']:.2f})" if last.get("harmonic_mae_cm-1") else ""
+        self.log(f"final: harmonic MAE {errors['mae_cm-1']:.2f} cm^-1{before}, RMSE {errors['rmse_cm-1']:.2f} cm^-1 "
+                 f"({per}); validation {_fmt_val(val)}; {row['labels']} labels [{time.time() - t0:.0f} s]")
+        self.state.set_phase("done", k)
+
+    def _retire_final(self, k: int) -> None:
+        """A reopened loop trains a new final committee later; the old one is kept under another name."""
+        final = self.state.get("final") or {}
+        folder = self.workdir / "models" / "final"
+        if folder.is_dir():
+            kept = folder.with_name(f"final_after_iter_{final.get('after_iteration', k):03d}"
+                                    f"_{final.get('epochs', 'unfinished')}_epochs")
+            if kept.exists():
+                shutil.rmtree(kept)  # the same final training again: the newer copy replaces it
+            folder.rename(kept)
+            self.log(f"the earlier final committee is kept as {kept.relative_to(self.workdir)}")
+        self.state["final"] = None
 
     def _write_report(self) -> None:
         from .report import plot_learning_curve, write_report_csv
@@ -406,6 +467,8 @@ class Manager:
         rows = [self.state["initial"]["row"]] if self.state["initial"].get("row") else []
         rows += [r["row"] for _, r in sorted(self.state["iterations"].items(), key=lambda kv: int(kv[0]))
                  if r.get("row")]
+        if (self.state.get("final") or {}).get("row"):
+            rows.append(self.state["final"]["row"])
         write_report_csv(self.workdir / REPORT_NAME, rows)
         try:
             plot_learning_curve(self.workdir / CURVE_NAME, rows,
@@ -438,20 +501,22 @@ class Manager:
             self.log(f"{source}: label failed: {failure.frame}: {failure.reason}")
         return report
 
-    def _train(self, k: int, warm_start: Path | None) -> None:
+    def _train(self, k: int, warm_start: Path | None, out: Path | None = None, cfg=None,
+               name: str | None = None) -> None:
         from driver.training import train_committee
 
-        out = self.model_dir(k)
+        out = out or self.model_dir(k)
+        name = name or f"iteration {k}"
         if (out / "committee.json").is_file():
-            self.log(f"iteration {k}: {out.relative_to(self.workdir)} already trained")
+            self.log(f"{name}: {out.relative_to(self.workdir)} already trained")
             return
-        cfg = self.config.train_config(warm_start=warm_start)
+        cfg = cfg or self.config.train_config(warm_start=warm_start)
         t0 = time.time()
-        self.log(f"iteration {k}: training {cfg.committee} + {cfg.dipole_members} member(s) on {self.n_labels()} "
+        self.log(f"{name}: training {cfg.committee} + {cfg.dipole_members} member(s) on {self.n_labels()} "
                  f"labels{f' (warm start from {Path(warm_start).name})' if warm_start else ''}")
         committee = train_committee(self.db, out, cfg)
         val = (committee.metadata or {}).get("errors", {}).get("validation", {})
-        self.log(f"iteration {k}: committee {committee.version} -> {out.relative_to(self.workdir)} "
+        self.log(f"{name}: committee {committee.version} -> {out.relative_to(self.workdir)} "
                  f"[{time.time() - t0:.0f} s]; validation {_fmt_val(val)}")
 
 

@@ -1,5 +1,6 @@
 """The active-learning report a user opens: ``report.csv`` (one row per iteration, iteration 0 being the
-initial committee trained on normal-mode data) and ``learning_curve.png`` (like the paper's Fig. 3 a:
+initial committee trained on normal-mode data, and a last row ``final`` for the long final training of
+``[stopping] final_epochs``) and ``learning_curve.png`` (like the paper's Fig. 3 a:
 harmonic-frequency MAE and RMSE against the iteration and against the number of labels, with the
 validation errors of energy and forces).
 
@@ -24,9 +25,14 @@ def write_report_csv(path: str | os.PathLike, rows: list[dict]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for row in sorted(rows, key=lambda r: int(r["iteration"])):
+    for row in sorted(rows, key=_order):
         writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
     write_text(path, buffer.getvalue())
+
+
+def _order(row: dict) -> float:
+    """Iterations in order, the row ``final`` (the long final training, after the last iteration) last."""
+    return math.inf if str(row["iteration"]) == "final" else int(row["iteration"])
 
 
 def read_report_csv(path: str | os.PathLike) -> list[dict]:
@@ -49,7 +55,8 @@ def plot_learning_curve(path: str | os.PathLike, rows: list[dict], title: str = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted(rows, key=lambda r: int(r["iteration"]))
+    final = [r for r in rows if str(r["iteration"]) == "final"]
+    rows = sorted((r for r in rows if str(r["iteration"]) != "final"), key=_order)
     it = [int(r["iteration"]) for r in rows]
     labels = [int(r.get("labels") or 0) for r in rows]
     mae = [_num(r.get("harmonic_mae_cm-1")) for r in rows]
@@ -68,6 +75,14 @@ def plot_learning_curve(path: str | os.PathLike, rows: list[dict], title: str = 
     ax = axes[1]
     ax.plot(labels, mae, "o-", label="MAE")
     ax.plot(labels, rmse, "s--", label="RMSE")
+    if final:  # the long from-scratch training on every label, drawn after the last iteration
+        f = final[0]
+        x = (max(it) if it else 0) + 1
+        axes[0].plot([x], [_num(f.get("harmonic_mae_cm-1"))], "*", ms=12, color="tab:red", label="final MAE")
+        axes[0].plot([x], [_num(f.get("harmonic_rmse_cm-1"))], "*", ms=12, color="tab:purple", label="final RMSE")
+        axes[0].legend()
+        ax.plot([int(f.get("labels") or 0)], [_num(f.get("harmonic_mae_cm-1"))], "*", ms=12, color="tab:red",
+                label="final (long training)")
     ax.set_xlabel("labelled structures")
     ax.set_ylabel("harmonic frequency error (cm$^{-1}$)")
     ax.set_title("(b) vs number of labels")
