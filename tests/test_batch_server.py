@@ -122,6 +122,45 @@ def test_batched_replies_equal_single_predictions(models, procs, tmp_path):
                 assert row[0, 5] == pytest.approx(p.energy, abs=2e-3)
 
 
+def test_committee_every_k_steps_propagates_on_member_0(models, procs, tmp_path):
+    """--committee-every 4: i-PI's potential is member 0's energy at every written step (the propagation
+    never switches surfaces), the whole committee runs (and is logged) on steps 0, 4, 8, ... only, and the
+    dipole is still the committee's; a trust cap below the disagreement still stops the first step."""
+    structure = cluster("olivine_N01_GM.xyz")
+    steps, k = 40, 4
+    sock, ipi = start_ipi(procs, tmp_path / "run", structure, steps, seed=5)
+    rc, events, err = run_server(procs, models, [(sock, structure)], tmp_path / "logs", "--committee-every", str(k))
+    assert rc == 0, err
+    assert "member 0 with the committee every 4 steps" in err
+    assert ipi.wait(timeout=60) == 0
+    log = np.genfromtxt(tmp_path / "logs" / f"{sock}.uncertainty.csv", delimiter=",", names=True)
+    assert list(log["step"]) == list(range(0, steps + 1, k))
+
+    committee = load_committee(models, dtype=__import__("torch").float64)
+    numbers = read(structure).numbers
+    frames = read(tmp_path / "run" / "md.pos_0.xyz", index=":")     # every 20 steps
+    out = np.loadtxt(tmp_path / "run" / "md.out")
+    dip = [line for line in (tmp_path / "run" / "md.dipole_0").read_text().splitlines() if not line.startswith(" #")]
+    for j, atoms in enumerate(frames):
+        step = 20 * j
+        p = committee.predict(numbers, atoms.positions)
+        assert abs(p.member_energies[0] - p.energy) > 1e-2   # the members differ: the test can tell them apart
+        row = out[out[:, 0] == step]
+        if len(row):
+            assert row[0, 5] == pytest.approx(p.member_energies[0], abs=2e-3)
+        np.testing.assert_allclose(np.array(dip[step].split(), float), p.dipole / units.Bohr, atol=2e-3)
+        assert log["max_force_std_eV_per_A"][list(log["step"]).index(step)] == pytest.approx(
+            p.max_force_std, rel=1e-2, abs=1e-4)
+
+    sock, ipi = start_ipi(procs, tmp_path / "capped", structure, steps=200, seed=6)
+    rc, events, err = run_server(procs, models, [(sock, structure)], tmp_path / "logs2", "--committee-every", str(k),
+                                 "--trust-cap", "1e-9")
+    assert rc == 0, err
+    stopped = [e for e in events if e["event"] == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["step"] == 0 and "max force std" in stopped[0]["reason"]
+    ipi.wait(timeout=120)
+
+
 def test_trajectory_leaving_the_trusted_region_is_stopped(models, procs, tmp_path):
     """A cap below the committee's disagreement stops the run at its first step: the server reports it, writes
     the reason next to the log, closes the connection, and i-PI (exit_on_disconnect) ends by itself."""

@@ -40,6 +40,7 @@ def _minimal(tmp_path: Path, **extra) -> dict:
     ({"md": {"prodution_ps": 10}}, "md.prodution_ps: unknown key (did you mean 'production_ps'?)"),
     ({"md": {"dipole_stride_fs": 1.25}}, "md.dipole_stride_fs: (1.25 fs) must be a multiple of timestep_fs (0.5 fs)"),
     ({"md": {"dipole_stride_fs": 0}}, "md.dipole_stride_fs: must be positive"),
+    ({"md": {"committee_every_fs": 0.7}}, "md.committee_every_fs: (0.7 fs) must be a multiple of timestep_fs"),
     ({"ensemble": "npt"}, "ensemble: must be one of 'nvt', 'nve'"),
     ({"seeds": [1, 1]}, "seeds: repeated values"),
     ({"temperatures": [300, -5]}, "temperatures[1]: -5 K: temperatures must be > 0 K"),
@@ -66,6 +67,9 @@ def test_config_defaults_and_plan(tmp_path):
     assert (cfg.md.dipole_stride_fs, cfg.md.dipole_stride, cfg.spectra.correct_central_difference) == (2.0, 4, True)
     assert config_from_dict(_minimal(tmp_path, md={"timestep_fs": 0.25, "dipole_stride_fs": 1.75}),
                             tmp_path).md.dipole_stride == 7
+    assert cfg.md.committee_every == 1   # the committee mean propagates unless asked otherwise
+    assert config_from_dict(_minimal(tmp_path, md={"committee_every_fs": 2.0}), tmp_path).md.committee_every == 4
+    assert config_from_dict(_minimal(tmp_path, md={"committee_every_fs": "none"}), tmp_path).md.committee_every == 1
     plan = cfg.trajectories()
     assert len(plan) == 8 and len({t.id for t in plan}) == 8
     assert [t.cluster.name for t in plan[:4]] == ["P1"] * 4        # by size: P1 (5 atoms) before O2 (14)

@@ -19,6 +19,10 @@ Configuration (TOML; paths relative to the file; every key optional except ``mod
     dipole_stride_fs = 2.0              # dipole (and per-member dipoles) written, and computed, every this many fs;
                                         # a multiple of timestep_fs. The spectrum reaches 1 / (2 c stride):
                                         # 8340 cm^-1 at 2 fs, 4170 at 4 fs (a 4000 cm^-1 band needs <= 4 fs)
+    committee_every_fs = "none"         # "none": propagate on the committee mean, the committee every step. A
+                                        # multiple of timestep_fs: propagate on energy member 0 alone and run
+                                        # the whole committee (disagreement, trust cap) every this many fs,
+                                        # ~1/3 of the model's cost for 3 members (driver.ipi.batch_server)
 
     [run]
     workers = 8                         # trajectories at once (one i-PI each)
@@ -90,14 +94,16 @@ class MDSettings:
     discard_ps: float = 5.0
     checkpoint_ps: float = 0.5
     dipole_stride_fs: float = 2.0
+    committee_every_fs: float | None = None
 
     def __post_init__(self):
-        _positive(self, "production_ps", "timestep_fs", "checkpoint_ps", "dipole_stride_fs")
+        _positive(self, "production_ps", "timestep_fs", "checkpoint_ps", "dipole_stride_fs", "committee_every_fs")
         _positive(self, "equilibration_ps", "discard_ps", zero_ok=True)
-        ratio = self.dipole_stride_fs / self.timestep_fs
-        if abs(ratio - round(ratio)) > 1e-9 * max(1.0, ratio) or round(ratio) < 1:
-            raise ValueError(f"dipole_stride_fs ({self.dipole_stride_fs:g} fs) must be a multiple of timestep_fs "
-                             f"({self.timestep_fs:g} fs)")
+        for name in ("dipole_stride_fs", "committee_every_fs"):
+            value = getattr(self, name)
+            ratio = None if value is None else value / self.timestep_fs
+            if ratio is not None and (abs(ratio - round(ratio)) > 1e-9 * max(1.0, ratio) or round(ratio) < 1):
+                raise ValueError(f"{name} ({value:g} fs) must be a multiple of timestep_fs ({self.timestep_fs:g} fs)")
         if self.production_steps < 10:
             raise ValueError(f"production_ps: {self.production_ps} ps is fewer than 10 steps of {self.timestep_fs} fs")
         if self.discard_ps >= self.production_ps:
@@ -123,6 +129,11 @@ class MDSettings:
     def dipole_stride(self) -> int:
         """MD steps between written (and computed) dipoles."""
         return int(round(self.dipole_stride_fs / self.timestep_fs))
+
+    @property
+    def committee_every(self) -> int:
+        """MD steps between whole-committee evaluations (1: the committee mean propagates every step)."""
+        return 1 if self.committee_every_fs is None else int(round(self.committee_every_fs / self.timestep_fs))
 
 
 @dataclass(frozen=True)

@@ -240,7 +240,8 @@ class DriverProcess:
         cmd = [sys.executable, "-m", "driver.ipi.batch_server", "--models", str(config.models), "--control", "-",
                "--threads", str(config.run.threads), "--gather-ms", f"{config.run.gather_ms:g}",
                "--progress-every", "1", "--sockets-prefix", SOCKETS_PREFIX,
-               "--trust-measure", config.trust.measure, "--dipole-every", str(config.md.dipole_stride)]
+               "--trust-measure", config.trust.measure, "--dipole-every", str(config.md.dipole_stride),
+               "--committee-every", str(config.md.committee_every)]
         if config.trust.trust_cap is not None:
             cmd += ["--trust-cap", f"{config.trust.trust_cap:g}"]
         if config.trust.fragment_distance is not None:

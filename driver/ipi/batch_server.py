@@ -20,6 +20,13 @@ steps skip the dipole model (a pass computes it only for the structures that nee
 carry the trajectory's last computed dipole; i-PI's dipole trajectories must have stride K (or a multiple),
 so only computed dipoles are written (the step numbering is explained in :mod:`driver.ipi.pes`).
 
+Committee every K MD steps (``--committee-every``; default 1, the committee mean every step): the trajectory
+is propagated by energy member 0 alone on every step, and the whole committee (its disagreement, the
+trust cap, flagging, the per-step log) runs only on steps that are multiples of K, about a third of the
+model's cost for 3 members. The forces stay those of one smooth surface (member 0 on check steps too); the
+extras of the other steps carry the last check's disagreement. Nothing is lost against the trust cap but
+up to K - 1 steps of reaction time (``bench/campaign_throughput.py`` measures what the spectra lose).
+
 Trusted region (per trajectory): when the committee disagreement reaches ``--trust-cap`` (max force std in
 eV/Å, or energy std per atom in eV/atom with ``--trust-measure energy``), or when the cluster falls apart
 (its graph of atoms closer than ``--fragment-distance`` Å is no longer connected), the connection is closed
@@ -199,13 +206,16 @@ class _Request:
 
 
 class _Connection:
-    def __init__(self, target: Target, numbers: np.ndarray, flagger=None, dipole_every: int = 1):
+    def __init__(self, target: Target, numbers: np.ndarray, flagger=None, dipole_every: int = 1,
+                 committee_every: int = 1):
         from driver.ipi.pes import DipoleSchedule
 
         self.target = target
         self.numbers = numbers
         self.flagger = flagger
         self.dipoles = DipoleSchedule(target.dipole_every or dipole_every)
+        self.committee_every = committee_every
+        self.last_check = None       # the last whole-committee prediction (committee_every > 1)
         self.requests = 0
         self.serving = False         # connected and answering: the batcher waits for it when gathering
         self.client = None
@@ -221,6 +231,11 @@ class _Connection:
     @property
     def step(self) -> int:
         return self.target.step_offset + self.requests
+
+    def check_due(self, step: int) -> bool:
+        """The whole committee runs at this step (every step with committee_every = 1; else multiples of
+        it, and the first request of a connection)."""
+        return self.committee_every == 1 or self.last_check is None or step % self.committee_every == 0
 
     def log(self, step: int, prediction) -> None:
         if self.log_file is None:
@@ -242,11 +257,16 @@ class BatchServer:
     """Serves many i-PI connections with one committee. ``emit(dict)`` receives the events."""
 
     def __init__(self, committee, trust: TrustRegion | None = None, flag_config=None, gather_s: float = 0.02,
-                 emit=None, say=None, progress_every: float = 2.0, dipole_every: int = 1):
-        if int(dipole_every) < 1:
-            raise ValueError(f"dipole_every must be >= 1, got {dipole_every}")
+                 emit=None, say=None, progress_every: float = 2.0, dipole_every: int = 1,
+                 committee_every: int = 1):
+        for name, value in (("dipole_every", dipole_every), ("committee_every", committee_every)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         self.committee = committee
         self.dipole_every = int(dipole_every)
+        self.committee_every = int(committee_every)
+        # member 0 alone (with every dipole member) between the committee's checks
+        self.propagator = committee.subset(energy_members=[0]) if self.committee_every > 1 else committee
         self.trust = trust or TrustRegion()
         self.flag_config = flag_config
         self.gather_s = gather_s
@@ -282,7 +302,7 @@ class BatchServer:
                 raise ValueError(f"target {target.id!r} is already being served")
             if self._stopping:
                 raise RuntimeError("the server is shutting down")
-            conn = _Connection(target, np.asarray(atoms.numbers), flagger, self.dipole_every)
+            conn = _Connection(target, np.asarray(atoms.numbers), flagger, self.dipole_every, self.committee_every)
             self._connections[target.id] = conn
             self._added += 1
         thread = threading.Thread(target=self._serve, args=(conn,), name=f"ipi-{target.id}", daemon=True)
@@ -405,42 +425,58 @@ class BatchServer:
         self._pending = []
 
     def _evaluate(self, batch: list[_Request]) -> None:
-        from driver.flagging import FlagDecision
-        from driver.ipi.pes import ipi_reply
-
         start = time.perf_counter()
-        for group in partition_by_size([len(r.positions) for r in batch]):
-            requests = [batch[i] for i in group]
-            due = [r.connection.dipoles.due(r.step) for r in requests]
-            try:
-                predictions = self.committee.predict_batch([r.connection.numbers for r in requests],
-                                                           [r.positions for r in requests], dipoles=due)
-            except Exception as exc:  # a model failure ends these trajectories, not the server
-                for r in requests:
-                    r.error = RuntimeError(f"model evaluation failed: {exc}")
-                    r.done.set()
-                continue
-            self.calls += 1
-            for r, p, computed in zip(requests, predictions, due):
-                conn = r.connection
-                try:
-                    conn.log(r.step, p)
-                    stop = self.trust.verdict(p, r.positions, r.step)
-                    if stop is not None:
-                        r.error = stop
-                        continue
-                    decision = FlagDecision(False, False, None)
-                    if conn.flagger is not None:
-                        decision = conn.flagger.process(r.step, r.positions, p.energy, p.energy_std_per_atom,
-                                                        p.max_force_std, p.dipole_std)
-                    r.reply = ipi_reply(p, decision, conn.dipoles.sample(p, r.step, computed))
-                except Exception as exc:
-                    r.error = RuntimeError(f"cannot answer step {r.step}: {exc}")
-                finally:
-                    r.done.set()
+        checked = [r.connection.check_due(r.step) for r in batch]
+        for model, chosen in ((self.committee, [i for i, c in enumerate(checked) if c]),
+                              (self.propagator, [i for i, c in enumerate(checked) if not c])):
+            for group in partition_by_size([len(batch[i].positions) for i in chosen]):
+                self._evaluate_group(model, [batch[chosen[i]] for i in group], checked=model is self.committee)
         self.batches += 1
         self.structures += len(batch)
         self.eval_seconds += time.perf_counter() - start
+
+    def _evaluate_group(self, model, requests: list[_Request], checked: bool) -> None:
+        """One padded pass of ``model`` (the committee, or member 0 between checks) and the replies."""
+        from dataclasses import replace
+
+        from driver.flagging import FlagDecision
+        from driver.ipi.pes import ipi_reply
+
+        due = [r.connection.dipoles.due(r.step) for r in requests]
+        try:
+            predictions = model.predict_batch([r.connection.numbers for r in requests],
+                                              [r.positions for r in requests], dipoles=due)
+        except Exception as exc:  # a model failure ends these trajectories, not the server
+            for r in requests:
+                r.error = RuntimeError(f"model evaluation failed: {exc}")
+                r.done.set()
+            return
+        self.calls += 1
+        for r, p, computed in zip(requests, predictions, due):
+            conn = r.connection
+            try:
+                if conn.committee_every > 1:
+                    if checked:  # the committee's disagreement; the propagation stays on member 0
+                        conn.last_check = p
+                        p = replace(p, energy=float(p.member_energies[0]), forces=p.member_forces[0])
+                    else:
+                        last = conn.last_check
+                        p = replace(p, energy_std_per_atom=last.energy_std_per_atom, max_force_std=last.max_force_std)
+                if checked:
+                    conn.log(r.step, p)
+                stop = self.trust.verdict(p, r.positions, r.step)
+                if stop is not None:
+                    r.error = stop
+                    continue
+                decision = FlagDecision(False, False, None)
+                if conn.flagger is not None and checked:
+                    decision = conn.flagger.process(r.step, r.positions, p.energy, p.energy_std_per_atom,
+                                                    p.max_force_std, p.dipole_std)
+                r.reply = ipi_reply(p, decision, conn.dipoles.sample(p, r.step, computed))
+            except Exception as exc:
+                r.error = RuntimeError(f"cannot answer step {r.step}: {exc}")
+            finally:
+                r.done.set()
 
     def stop(self) -> None:
         """Close every connection (their i-PI servers stop and write checkpoints) and end :meth:`run`."""
@@ -489,6 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dipole-every", type=int, default=1, metavar="K",
                         help="compute the dipole model only on MD steps that are multiples of K (default 1); "
                              "other steps carry the last dipole. i-PI's dipole trajectories need stride K")
+    parser.add_argument("--committee-every", type=int, default=1, metavar="K",
+                        help="propagate on energy member 0 and run the whole committee (disagreement, trust "
+                             "cap, flagging, log) only on MD steps that are multiples of K (default 1: the "
+                             "committee mean every step)")
     parser.add_argument("--gather-ms", type=float, default=20.0,
                         help="wait at most this long for the other trajectories before a pass (default 20)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -571,8 +611,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--control takes '-' (stdin), got {args.control!r}")
         if not args.gather_ms >= 0:
             raise UsageError(f"--gather-ms must be >= 0, got {args.gather_ms}")
-        if args.dipole_every < 1:
-            raise UsageError(f"--dipole-every must be at least 1, got {args.dipole_every}")
+        for flag, value in (("--dipole-every", args.dipole_every), ("--committee-every", args.committee_every)):
+            if value < 1:
+                raise UsageError(f"{flag} must be at least 1, got {value}")
         trust = TrustRegion(trust_cap=args.trust_cap, measure=args.trust_measure, fragment_distance=args.fragment_distance)
         flag_config = FlagConfig(energy_threshold=args.energy_threshold, force_threshold=args.force_threshold,
                                  endpoint=args.flag_endpoint, flag_file=args.flag_file,
@@ -580,14 +621,16 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)  # DeviceError (a ValueError): one line, exit 2
         committee = load_committee(args.models, dtype=getattr(torch, args.dtype), device=device)
         server = BatchServer(committee, trust, flag_config, gather_s=args.gather_ms / 1000.0, emit=_emitter(),
-                             say=say, progress_every=args.progress_every, dipole_every=args.dipole_every)
+                             say=say, progress_every=args.progress_every, dipole_every=args.dipole_every,
+                             committee_every=args.committee_every)
         for target in targets:
             server.add(target)
     except (UsageError, ValueError, FileNotFoundError) as exc:
         say(f"error: {exc}")
         return 2
     say(f"model {committee.version}: {committee.n_energy_members} energy + {committee.n_dipole_members} dipole "
-        f"members (dipole every {args.dipole_every} step(s)), {args.threads} torch thread(s) on {committee.device}; "
+        f"members (dipole every {args.dipole_every} step(s), "
+        f"{'committee mean every step' if args.committee_every == 1 else f'member 0 with the committee every {args.committee_every} steps'}), {args.threads} torch thread(s) on {committee.device}; "
         f"{len(targets)} target(s)"
         f"{', more from stdin' if args.control == '-' else ''}")
     if args.control == "-":
