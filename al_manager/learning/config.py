@@ -52,8 +52,9 @@ Layout (every section and key but ``structures`` is optional; the values shown a
     max_iterations = 20
     # max_labels = 400                 # a label budget: an iteration labels at most what is left of it
                                        # (its most uncertain frames), and the loop stops when it is spent
-    final_epochs = 0                   # > 0: once the loop stops, train the committee from scratch on every
-                                       # label for this many epochs (no early stopping) -> models/final,
+    final_epochs = 0                   # > 0: once the loop stops, train the committee from scratch (or from
+                                       # [train] pretrained) on every label for this many epochs (no early
+                                       # stopping) -> models/final,
                                        # measured like an iteration (row "final" of report.csv)
 
     [initial_data]                     # al_manager.learning.initial_data.InitialDataSettings
