@@ -43,6 +43,10 @@ Run time (Parsl is imported only here, and only for ``mode = "parsl"``)::
         label_structures(frames, "xtb", db, executor="parsl", **labelling_arguments(settings, "xtb"))
         fut = s.executor("training").submit(train_member, ...)   # plain functions, JSON-able/numpy arguments
 
+The active-learning loop sends its labels to the ``labelling`` pool and its committee members
+(:func:`driver.training.train_committee` with ``executor=``) to the ``training`` pool; sampling stays on the
+manager's machine for now.
+
 Inside an open :func:`session`, ``label_structures(..., executor="parsl")`` sends its tasks to the session's
 ``labelling`` pool; outside one, it starts a private local HighThroughputExecutor with ``workers`` workers for
 that call. Labels come back as results: the calling process (the manager) stays the only writer of the

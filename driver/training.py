@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -532,9 +533,14 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def train_committee(data, out_dir, cfg: TrainConfig | None = None) -> Committee:
+def train_committee(data, out_dir, cfg: TrainConfig | None = None, executor=None) -> Committee:
     """Train K energy members (+ J dipole members) on ``data`` (a database path, a file ASE reads, or a
-    list of :class:`Frame`) and write the committee to ``out_dir`` atomically. Returns the committee."""
+    list of :class:`Frame`) and write the committee to ``out_dir`` atomically. Returns the committee.
+
+    ``executor``: a concurrent.futures-style executor (e.g. a Parsl pool on other nodes,
+    :mod:`al_manager.execution`) that trains one member per task; its task and result files are written
+    beside ``out_dir`` (a folder the workers must see: on a cluster, the shared work directory). Default:
+    child processes on this machine."""
     cfg = cfg or TrainConfig()
     from .device import resolve_device
 
@@ -583,7 +589,12 @@ def train_committee(data, out_dir, cfg: TrainConfig | None = None) -> Committee:
           f"{len(train_frames)} structures (validation {len(val_frames)}), {workers} process(es) x "
           f"{threads} thread(s){'' if device.type == 'cpu' else f' on {device}'}", flush=True)
     t0 = time.time()
-    results = _run_tasks(tasks, workers, threads)
+    if executor is not None:
+        print(f"training {len(tasks)} member(s) as tasks of {type(executor).__name__} "
+              f"{getattr(executor, 'stage', '')}".rstrip(), flush=True)
+        results = _submit_tasks(executor, tasks, Path(out_dir))
+    else:
+        results = _run_tasks(tasks, workers, threads)
     energy_states = sorted((r for r in results if r["kind"] == "energy"), key=lambda r: r["member"])
     dipole_states = sorted((r for r in results if r["kind"] == "dipole"), key=lambda r: r["member"])
     em, dm = _energy_model(mcfg, cfg.committee), _dipole_model(mcfg, j)
@@ -647,6 +658,40 @@ def _run_tasks(tasks: list[dict], workers: int, threads: int) -> list[dict]:
     return results
 
 
+def _submit_tasks(executor, tasks: list[dict], out_dir: Path) -> list[dict]:
+    """One task per member on ``executor``: each reads its task file and writes its result file (tensors
+    and plain types only, loaded with ``weights_only=True``); the task folder is removed afterwards."""
+    folder = out_dir.parent / f".{out_dir.name}.tasks"
+    if folder.exists():
+        shutil.rmtree(folder)   # a killed earlier attempt: its members train again
+    folder.mkdir(parents=True)
+    try:
+        futures = []
+        for i, task in enumerate(tasks):
+            task_file, result_file = folder / f"task{i}.pt", folder / f"result{i}.pt"
+            # a worker's parent is its pool, not this process: no parent check there
+            torch.save(dict(_encode_task(task, 1), parent_pid=None), task_file)
+            futures.append((executor.submit(train_task_file, str(task_file), str(result_file)), task))
+        results = []
+        for future, task in futures:
+            try:
+                result_file = future.result()
+            except Exception as exc:
+                raise RuntimeError(f"training of {task['kind']} member {task['member']} failed on "
+                                   f"{type(executor).__name__}: {type(exc).__name__}: {exc}") from exc
+            results.append(torch.load(result_file, map_location="cpu", weights_only=True))
+        return results
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def train_task_file(task_file: str, result_file: str) -> str:
+    """Train the member of ``task_file`` and write its result atomically to ``result_file`` (the body of a
+    member's process or remote task); returns ``result_file``."""
+    _worker_main(task_file, result_file)
+    return result_file
+
+
 def _encode_task(task: dict, threads: int) -> dict:
     def tensors(d: _Tensors) -> dict:
         return {"index": [torch.as_tensor(x) for x in d.index],
@@ -699,7 +744,6 @@ def calibrate(committee: Committee, frames: list[Frame]) -> dict:
 
 
 def _predict_all(committee: Committee, frames: list[Frame], chunk: int = 16):
-    out = []
     sizes = [len(f.numbers) for f in frames]
     order = _batches(list(range(len(frames))), sizes, chunk, None)
     preds: dict[int, object] = {}

@@ -364,6 +364,60 @@ def test_killed_during_sampling_and_labelling_resumes_without_loss_or_repeats(in
     assert not list(Path("/tmp").glob(f"ipi_nsal-{state['token'][:8]}-*"))
 
 
+PARSL = """
+[execution]
+mode = "parsl"
+provider = "local"
+max_workers_per_node = 2
+retries = 1
+heartbeat_period = 1
+heartbeat_threshold = 10
+
+[execution.training]
+members_per_node = 2
+"""
+
+
+@pytest.mark.slow
+def test_an_iteration_on_parsl_survives_a_killed_manager(initialised, uninterrupted, tmp_path):
+    """[execution] mode = "parsl" (a real HighThroughputExecutor, local provider, 2 workers): labels and the
+    members' trainings are Parsl tasks. The manager SIGKILLed while its members train on Parsl workers:
+    the rerun ends the orphaned pool, trains again and completes the iteration, with every label once."""
+    pytest.importorskip("parsl")
+    from al_manager.learning.report import read_report_csv
+
+    workdir = copy_workdir(initialised, tmp_path / "wd")
+    config = write_config(tmp_path, workdir, max_iterations=1, extra=PARSL)
+    expected_labels = int(read_report_csv(uninterrupted[0] / "report.csv")[1]["labels"])
+    out = open(tmp_path / "first.out", "w")
+    proc = subprocess.Popen([str(BIN / "nanosil"), "al", "run", str(config)], cwd=tmp_path, env=env(),
+                            stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state_of(workdir).get("phase") == "training" and \
+                "as tasks of ParslExecutor training" in (tmp_path / "first.out").read_text():
+            time.sleep(0.5)   # the member tasks are out on the workers
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.out").read_text()[-3000:]
+    token = state_of(workdir)["token"]
+
+    again = nanosil("al", "run", config, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-3000:]
+    assert "as tasks of ParslExecutor training" in again.stdout
+    rows = db_rows(workdir)
+    assert len(rows) == expected_labels and len({r.hash for r in rows}) == len(rows)
+    assert (workdir / "models" / "iter_001" / "committee.json").is_file()
+    assert not (workdir / "models" / ".iter_001.tasks").exists()
+    assert [int(r["iteration"]) for r in read_report_csv(workdir / "report.csv")] == [0, 1]
+    deadline = time.monotonic() + 30
+    while leftover_processes(workdir, token) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert leftover_processes(workdir, token) == []
+
+
 @pytest.mark.slow
 def test_crashed_and_exploded_runs_are_recorded_and_the_iteration_goes_on(tmp_path, small_config):
     """A driver that cannot start (an element the committee does not know) and a structure whose

@@ -272,6 +272,35 @@ def test_sampling_and_training_pools_start_when_their_first_task_arrives(tmp_pat
             s.executor("labelling")
 
 
+def test_a_committee_trains_one_member_per_task_on_the_parsl_training_pool(tmp_path, p2_dft_frames):
+    """train_committee(..., executor=the session's training pool): each member is a task on a Parsl worker
+    (a process that is not ours), and the committee equals the one trained by local processes (same seeds,
+    one thread each); the task files are gone afterwards."""
+    import torch
+
+    from driver.models.committee import load_committee
+    from driver.training import TrainConfig, train_committee
+
+    frames = p2_dft_frames[:24]
+    cfg = TrainConfig(committee=2, dipole_members=1, epochs=4, patience=4, workers=3, progress="off",
+                      model={"hidden": [16, 16], "dipole_features": 8, "dipole_interactions": 1,
+                             "dipole_gaussians": 6})
+    local = train_committee(frames, tmp_path / "local", cfg)
+    settings = _settings(training=TrainingResources(members_per_node=3))
+    with session(settings, tmp_path / "runinfo", stages=("training",)) as s:
+        pool = s.executor("training")
+        remote = train_committee(frames, tmp_path / "models" / "remote", cfg, executor=pool)
+        assert pool.submitted == 3
+    assert not (tmp_path / "models" / ".remote.tasks").exists()
+    loaded = load_committee(tmp_path / "models" / "remote", dtype=torch.float64)
+    assert loaded.n_energy_members == 2 and loaded.n_dipole_members == 1
+    for member in ("energy", "dipole"):
+        a = getattr(local, f"{member}_model").state_dict()
+        b = getattr(remote, f"{member}_model").state_dict()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------- a real SLURM, when installed
 def _free_port() -> int:
     with socket.socket() as sock:

@@ -514,7 +514,11 @@ class Manager:
         t0 = time.time()
         self.log(f"{name}: training {cfg.committee} + {cfg.dipole_members} member(s) on {self.n_labels()} "
                  f"labels{f' (warm start from {Path(warm_start).name})' if warm_start else ''}")
-        committee = train_committee(self.db, out, cfg)
+        from al_manager.execution import active_session
+
+        pool = active_session()   # [execution] mode = "parsl": one task per member on the training pool
+        committee = train_committee(self.db, out, cfg,
+                                    executor=pool.executor("training") if pool is not None else None)
         val = (committee.metadata or {}).get("errors", {}).get("validation", {})
         self.log(f"{name}: committee {committee.version} -> {out.relative_to(self.workdir)} "
                  f"[{time.time() - t0:.0f} s]; validation {_fmt_val(val)}")
@@ -570,8 +574,9 @@ def run_loop(config: "ALConfig", *, init_only: bool = False, make_initial: Calla
 
         with _owner_tag(state.token), _signals_raise():
             try:
-                # labels go where [execution] says (local pool by default; Parsl workers on a cluster), the
-                # manager alone writes them; the session's workers carry the owner tag, like every child
+                # labels and trainings go where [execution] says (local processes by default; Parsl workers
+                # on a cluster), the manager alone writes labels and state; the session's workers carry the
+                # owner tag, like every child
                 with session(config.execution, workdir / "parsl"):
                     return manager.run(init_only=init_only)
             except Interrupted as exc:
