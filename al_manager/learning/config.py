@@ -137,10 +137,10 @@ class StoppingRule:
     patience: int = 3           # iterations without a better harmonic-frequency MAE
     max_iterations: int = 20
     max_labels: int | None = None   # stop once the dataset holds this many labels (a label budget)
-    # Warm-started retrains are short (the loop's [train] epochs); the model's capacity needs a long schedule
-    # from fresh weights (issue 12: 1500 epochs from scratch on normal-mode data alone reach the paper's
-    # harmonic accuracy), so the result of the loop is one long training on every label. 0: the last
-    # iteration's committee is the result.
+    # A long training from fresh weights once the loop stops (0: the last iteration's committee is the
+    # result). Off by default: on the full run of bench/label_efficiency.py a final schedule as long as three
+    # retrains ended worse than the chain of warm-started retrains it replaces; it is meant for a final
+    # schedule much longer than the whole chain's.
     final_epochs: int = 0
 
     def __post_init__(self):
