@@ -89,8 +89,8 @@ def test_read_cluster_follows_ipi_units(tmp_path):
     bohr = atoms.positions / units.Bohr
     lines = [f"{s} {x} {y} {z}" for s, (x, y, z) in zip(atoms.get_chemical_symbols(), bohr)]
     # i-PI header without units: i-PI reads Bohr, so do we
-    (tmp_path / "bohr.xyz").write_text(f"5\n# CELL(abcABC): 40 40 40 90 90 90\n" + "\n".join(lines) + "\n")
-    (tmp_path / "au.xyz").write_text(f"5\n# CELL(abcABC): 40 40 40 90 90 90 positions{{atomic_unit}}\n"
+    (tmp_path / "bohr.xyz").write_text("5\n# CELL(abcABC): 40 40 40 90 90 90\n" + "\n".join(lines) + "\n")
+    (tmp_path / "au.xyz").write_text("5\n# CELL(abcABC): 40 40 40 90 90 90 positions{atomic_unit}\n"
                                      + "\n".join(lines) + "\n")
     write(tmp_path / "plain.xyz", atoms)  # ASE xyz: Å
     for name in ("bohr.xyz", "au.xyz", "plain.xyz"):

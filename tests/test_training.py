@@ -10,7 +10,7 @@ import pytest
 import torch
 from ase.io import read
 
-from driver.data import add_labelled, connect, read_frames, split_train_validation
+from driver.data import add_labelled, connect, split_train_validation
 from driver.models.committee import build_committee, load_committee
 from driver.training import error_table, fit_energy_shift, _species_index
 
