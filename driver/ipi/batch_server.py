@@ -25,7 +25,8 @@ is propagated by energy member 0 alone on every step, and the whole committee (i
 trust cap, flagging, the per-step log) runs only on steps that are multiples of K, about a third of the
 model's cost for 3 members. The forces stay those of one smooth surface (member 0 on check steps too); the
 extras of the other steps carry the last check's disagreement. Nothing is lost against the trust cap but
-up to K - 1 steps of reaction time (``bench/campaign_throughput.py`` measures what the spectra lose).
+up to K - 1 steps of reaction time (``bench/spectrum_fidelity.py`` measures what the spectra lose,
+``bench/campaign_throughput.py`` what the production gains).
 
 Trusted region (per trajectory): when the committee disagreement reaches ``--trust-cap`` (max force std in
 eV/Å, or energy std per atom in eV/atom with ``--trust-measure energy``), or when the cluster falls apart
