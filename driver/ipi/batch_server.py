@@ -20,8 +20,8 @@ steps skip the dipole model (a pass computes it only for the structures that nee
 carry the trajectory's last computed dipole; i-PI's dipole trajectories must have stride K (or a multiple),
 so only computed dipoles are written (the step numbering is explained in :mod:`driver.ipi.pes`).
 
-Committee every K MD steps (``--committee-every``; default 1, the committee mean every step): the trajectory
-is propagated by energy member 0 alone on every step, and the whole committee (its disagreement, the
+Committee every K MD steps (``--committee-every K`` > 1; default 1: the committee mean propagates every
+step): energy member 0 alone propagates the trajectory on every step, and the whole committee (its disagreement, the
 trust cap, flagging, the per-step log) runs only on steps that are multiples of K, about a third of the
 model's cost for 3 members. The forces stay those of one smooth surface (member 0 on check steps too); the
 extras of the other steps carry the last check's disagreement. Nothing is lost against the trust cap but
