@@ -214,3 +214,22 @@ def remove_stale_socket(path: str) -> None:
     finally:
         probe.close()
     raise RuntimeError(f"an i-PI server is still listening on {path}; is another campaign using this folder?")
+
+
+def end_pool(pool) -> None:
+    """End a concurrent.futures process pool now (SIGTERM, Ctrl-C, an error): its workers are terminated
+    rather than awaited, so no worker (and, with them gone, no multiprocessing resource tracker) outlives
+    its owner. Results in flight are lost."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    try:
+        pool.shutdown(wait=bool(processes), cancel_futures=True)
+    except Exception:  # pragma: no cover - a pool broken by the terminated workers
+        pass
+    for proc in processes:
+        proc.join(timeout=5)
+        if proc.is_alive():  # pragma: no cover - ignores SIGTERM
+            proc.kill()
+            proc.join(timeout=5)

@@ -564,6 +564,49 @@ def test_state_file_is_replaced_atomically_and_damage_is_reported(tmp_path):
         State.load(tmp_path)
 
 
+def test_a_signal_during_a_reference_calculation_interrupts_the_manager():
+    """SIGTERM that lands inside a backend's calculation (whose ``except Exception`` turns library errors
+    into failed labels) still reaches the manager as Interrupted, not as a failed label."""
+    import threading
+
+    from ase.io import read
+
+    from al_manager.learning.loop import Interrupted, _signals_raise
+    from al_manager.reference.base import get_backend
+
+    be = get_backend("xtb")
+    atoms = read(str(shared_file("structures", "pyroxene_N02_GM.xyz")))
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    with pytest.raises(Interrupted):
+        with _signals_raise():
+            timer.start()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:   # almost all of the time is spent inside be.label
+                be.label(atoms)
+    timer.join()
+
+
+def test_reference_harmonics_of_several_structures_in_parallel_equal_the_serial_ones(tmp_path):
+    """workers = 2: the structures are analysed in two processes at once, with the same result as one
+    after another; the cache then serves both without recomputing."""
+    from al_manager.learning.measure import reference_harmonics
+
+    files = {"P1": str(shared_file("structures", "pyroxene_N01_GM.xyz")),
+             "O1": str(shared_file("structures", "olivine_N01_GM.xyz"))}
+    serial = reference_harmonics(files, "xtb", tmp_path / "serial", log=lambda m: None)
+    lines = []
+    parallel = reference_harmonics(files, "xtb", tmp_path / "parallel", log=lines.append, workers=2)
+    for name in files:
+        np.testing.assert_allclose(parallel[name].frequencies, serial[name].frequencies, atol=1e-6)
+        np.testing.assert_allclose(parallel[name].atoms.positions, serial[name].atoms.positions, atol=1e-8)
+        assert (tmp_path / "parallel" / f"{name}_relaxed.extxyz").is_file()
+    assert any("(in parallel with the others)" in line for line in lines)
+    assert sum("modes" in line for line in lines) == 2
+    again = []
+    reference_harmonics(files, "xtb", tmp_path / "parallel", log=again.append, workers=2)
+    assert again == []   # cached: nothing computed, nothing said
+
+
 def test_reference_harmonics_survive_a_kill_inside_the_displacement_cache(tmp_path):
     """A killed harmonic analysis leaves ASE's empty lock file for the displacement in flight; the
     resumed one recomputes that displacement and gives the uninterrupted frequencies."""

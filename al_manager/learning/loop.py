@@ -72,8 +72,10 @@ class StepLog:
             print(line, file=self.stream, flush=True)
 
 
-class Interrupted(Exception):
-    """SIGTERM or SIGINT reached the manager: children are ended, the state stays resumable."""
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT reached the manager: children are ended, the state stays resumable. A
+    BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way (a reference backend
+    wrapping its failures, a plot that may fail) mistakes the signal for an error of its own."""
 
 
 @contextlib.contextmanager
@@ -356,7 +358,8 @@ class Manager:
             ref = self.config.reference
             self._references = reference_harmonics(self.config.structure_files, ref.backend,
                                                     self.workdir / "reference", ref.options,
-                                                    relax=self.config.initial_data.relax, log=self.log)
+                                                    relax=self.config.initial_data.relax, log=self.log,
+                                                    workers=ref.workers)
         return self._references
 
     def measure(self) -> None:

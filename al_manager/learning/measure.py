@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 from ase import Atoms
 
-from spectra.atomic import write_json, write_text
+from spectra.atomic import write_json, write_text, write_with
 from spectra.harmonic import harmonic_from_derivatives, vibrational
 
 def clear_interrupted_cache(folder: str | os.PathLike) -> int:
@@ -54,56 +54,110 @@ class ReferenceHarmonic:
 
 def reference_harmonics(structures: dict[str, str], backend: str, cache_dir: str | os.PathLike,
                         backend_options: dict | None = None, relax: bool = True, fmax: float = 1e-3,
-                        log: Callable[[str], None] = print) -> dict[str, ReferenceHarmonic]:
+                        log: Callable[[str], None] = print, workers: int = 1) -> dict[str, ReferenceHarmonic]:
     """Reference harmonic analysis of every structure (name -> file), computed once and cached in
-    ``cache_dir`` (``harmonic.json``, ``NAME_harmonic.csv``, ``NAME_relaxed.extxyz``)."""
-    from ase.io import write
-
-    from al_manager.reference.base import get_backend
-    from ipi_inputs import read_cluster
+    ``cache_dir`` (``harmonic.json``, ``NAME_harmonic.csv``, ``NAME_relaxed.extxyz``). ``workers`` > 1:
+    the missing structures are analysed in that many processes at once, the largest first (each is a
+    serial chain of reference calculations: relaxation, then 6N + 1 gradients)."""
+    from ase.io import read
 
     cache_dir = Path(cache_dir)
     cache_file = cache_dir / "harmonic.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    be = None
-    out = {}
+    method = None
+    missing = []
     for name, path in structures.items():
         entry = cache.get(name)
-        if entry is None or entry.get("method") != _method(backend, backend_options, be):
-            if be is None:
-                be = get_backend(backend, **(backend_options or {}))
-                be.check_available()
-            atoms = read_cluster(path)
-            relaxed = be.relax(atoms, fmax=fmax) if relax else atoms
-            displacements = cache_dir / f"{name}_displacements"
-            if clear_interrupted_cache(displacements):
-                log(f"reference harmonic frequencies of {name}: redoing displacements interrupted by a kill")
-            har = be.harmonic(relaxed, workdir=displacements)
-            followed = 0
-            if relax:
-                relaxed, har, followed = follow_imaginary_modes(be, relaxed, har, displacements, fmax=fmax, log=log,
-                                                                name=name)
-            energy = float(be.label(relaxed).energy)
-            entry = {"method": be.method, "file": str(path), "relaxed": relax, "energy_eV": energy,
-                     "imaginary_modes_followed": followed,
-                     "numbers": [int(z) for z in relaxed.numbers], "positions_A": relaxed.positions.tolist(),
-                     "frequencies_cm-1": np.asarray(har.frequencies, float).tolist(),
-                     "intensities_km/mol": np.asarray(har.intensities, float).tolist()}
+        if entry is not None and method is None:
+            method = _method(backend, backend_options, None)
+        if entry is None or entry.get("method") != method:
+            missing.append(name)
+    if missing:
+        from al_manager.reference.base import get_backend
+
+        get_backend(backend, **(backend_options or {})).check_available()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # largest first: the longest chain starts at once
+        missing.sort(key=lambda n: -len(read(str(structures[n]))))
+        for name in missing:
+            log(f"reference harmonic frequencies of {name}: relaxing and {6 * len(read(str(structures[name]))) + 1} "
+                f"gradients with {backend}{' (in parallel with the others)' if workers > 1 and len(missing) > 1 else ''}")
+
+        def store(name: str, entry: dict, messages: list[str]) -> None:
+            for message in messages:
+                log(message)
             cache[name] = entry
             write_json(cache_file, cache)
-            rows = ["mode,frequency_cm-1,intensity_km/mol"] + [
-                f"{i},{f:.4f},{a:.4f}" for i, (f, a) in enumerate(zip(entry["frequencies_cm-1"],
-                                                                     entry["intensities_km/mol"]))]
-            write_text(cache_dir / f"{name}_harmonic.csv", "\n".join(rows) + "\n")
-            write(str(cache_dir / f"{name}_relaxed.extxyz"), relaxed, format="extxyz")
             vib = vibrational(entry["frequencies_cm-1"])
-            log(f"reference harmonic frequencies of {name} ({be.method}): {len(vib)} modes, "
+            log(f"reference harmonic frequencies of {name} ({entry['method']}): {len(vib)} modes, "
                 f"{vib.min():.1f} to {vib.max():.1f} cm^-1")
+
+        jobs = [(name, str(structures[name]), backend, backend_options, str(cache_dir), relax, fmax)
+                for name in missing]
+        if workers > 1 and len(missing) > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            from al_manager.processes import end_pool
+
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(missing)), mp_context=mp.get_context("spawn"))
+            try:
+                futures = {pool.submit(_reference_one, *job): job[0] for job in jobs}
+                for future in as_completed(futures):   # each stored as soon as it is done (a kill keeps it)
+                    entry, messages = future.result()
+                    store(futures[future], entry, messages)
+            except BaseException:
+                end_pool(pool)   # SIGTERM or a failure: the analyses in flight stop with us (their caches stay)
+                raise
+            pool.shutdown()
+        else:
+            for job in jobs:
+                entry, messages = _reference_one(*job, log=log)
+                store(job[0], entry, messages)
+    out = {}
+    for name in structures:
+        entry = cache[name]
         atoms = Atoms(numbers=entry["numbers"], positions=entry["positions_A"])
         out[name] = ReferenceHarmonic(name, atoms, np.asarray(entry["frequencies_cm-1"]),
                                       np.asarray(entry["intensities_km/mol"]), float(entry["energy_eV"]),
                                       entry["method"])
     return out
+
+
+def _reference_one(name: str, path: str, backend: str, backend_options: dict | None, cache_dir: str,
+                   relax: bool, fmax: float, log: Callable[[str], None] | None = None) -> tuple[dict, list[str]]:
+    """One structure's reference analysis (in this process or a pool's): its cache entry, with its CSV and
+    relaxed geometry written; the messages go to ``log`` when given, else they are returned."""
+    from ase.io import write
+
+    from al_manager.reference.base import get_backend
+    from ipi_inputs import read_cluster
+
+    messages: list[str] = []
+    say = log or messages.append
+    be = get_backend(backend, **(backend_options or {}))
+    cache_dir = Path(cache_dir)
+    atoms = read_cluster(path)
+    relaxed = be.relax(atoms, fmax=fmax) if relax else atoms
+    displacements = cache_dir / f"{name}_displacements"
+    if clear_interrupted_cache(displacements):
+        say(f"reference harmonic frequencies of {name}: redoing displacements interrupted by a kill")
+    har = be.harmonic(relaxed, workdir=displacements)
+    followed = 0
+    if relax:
+        relaxed, har, followed = follow_imaginary_modes(be, relaxed, har, displacements, fmax=fmax, log=say, name=name)
+    energy = float(be.label(relaxed).energy)
+    entry = {"method": be.method, "file": str(path), "relaxed": relax, "energy_eV": energy,
+             "imaginary_modes_followed": followed,
+             "numbers": [int(z) for z in relaxed.numbers], "positions_A": relaxed.positions.tolist(),
+             "frequencies_cm-1": np.asarray(har.frequencies, float).tolist(),
+             "intensities_km/mol": np.asarray(har.intensities, float).tolist()}
+    rows = ["mode,frequency_cm-1,intensity_km/mol"] + [
+        f"{i},{f:.4f},{a:.4f}" for i, (f, a) in enumerate(zip(entry["frequencies_cm-1"], entry["intensities_km/mol"]))]
+    write_text(cache_dir / f"{name}_harmonic.csv", "\n".join(rows) + "\n")
+    write_with(cache_dir / f"{name}_relaxed.extxyz",
+               lambda tmp: write(str(tmp), relaxed, format="extxyz"), suffix=".extxyz")
+    return entry, messages
 
 
 IMAGINARY_TOL_CM = 5.0   # |imaginary| frequencies below this are numerical noise of the finite differences

@@ -48,6 +48,8 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 
+from al_manager.processes import end_pool
+
 from .base import ReferenceError, _one_line, get_backend, set_num_threads
 
 #: metadata keys taken from ``atoms.info`` when present
@@ -235,25 +237,6 @@ def _make_executor(kind: str, workers: int, threads: int | None):
 
         return parsl_executor(workers, threads)
     raise ValueError(f"executor must be 'process', 'mpi', 'parsl' or 'serial', not {kind!r}")
-
-
-def _abort(pool) -> None:
-    """End the pool now (SIGTERM, Ctrl-C, an error): its workers are terminated rather than awaited, so no
-    worker (and, with them gone, no multiprocessing resource tracker) outlives the labeller. Results in
-    flight are lost; the labels already written stay, and a rerun skips them."""
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    for proc in processes:
-        if proc.is_alive():
-            proc.terminate()
-    try:
-        pool.shutdown(wait=bool(processes), cancel_futures=True)
-    except Exception:  # pragma: no cover - a pool broken by the terminated workers
-        pass
-    for proc in processes:
-        proc.join(timeout=5)
-        if proc.is_alive():  # pragma: no cover - ignores SIGTERM
-            proc.kill()
-            proc.join(timeout=5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -497,7 +480,7 @@ def label_structures(structures: list[Atoms], backend: str, db_path, *, workers:
         if finished:
             pool.shutdown(wait=True, cancel_futures=True)
         else:
-            _abort(pool)
+            end_pool(pool)   # the labels already written stay, and a rerun skips them
         if bar is not None:
             bar.close()
     report.seconds = time.perf_counter() - t_start
