@@ -685,13 +685,6 @@ def _submit_tasks(executor, tasks: list[dict], out_dir: Path) -> list[dict]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def train_task_file(task_file: str, result_file: str) -> str:
-    """Train the member of ``task_file`` and write its result atomically to ``result_file`` (the body of a
-    member's process or remote task); returns ``result_file``."""
-    _worker_main(task_file, result_file)
-    return result_file
-
-
 def _encode_task(task: dict, threads: int) -> dict:
     def tensors(d: _Tensors) -> dict:
         return {"index": [torch.as_tensor(x) for x in d.index],
@@ -714,12 +707,15 @@ def _decode_task(raw: dict) -> dict:
                 train=data(raw["train"]), val=data(raw["val"]))
 
 
-def _worker_main(task_file: str, result_file: str) -> None:
+def train_task_file(task_file: str, result_file: str) -> str:
+    """Train the member of ``task_file`` and write its result atomically to ``result_file`` (the body of a
+    member's process or remote task); returns ``result_file``."""
     task = _decode_task(torch.load(task_file, map_location="cpu", weights_only=True))
     result = _train_member(task)
     tmp = result_file + ".tmp"
     torch.save(result, tmp)
     os.replace(tmp, result_file)
+    return result_file
 
 
 def _stack(states: list[dict]) -> dict:
@@ -774,4 +770,4 @@ def error_table(committee: Committee, frames: list[Frame]) -> dict:
 
 
 if __name__ == "__main__":
-    _worker_main(sys.argv[1], sys.argv[2])
+    train_task_file(sys.argv[1], sys.argv[2])

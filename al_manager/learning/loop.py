@@ -362,21 +362,27 @@ class Manager:
                                                     workers=ref.workers)
         return self._references
 
-    def measure(self) -> None:
+    def _measure_model(self, model: Path, iteration) -> tuple[dict, dict, dict, str]:
+        """``model``'s harmonic errors against the reference and its validation errors, its report row (the
+        step's own counts and seconds are added by the caller) and a per-structure summary for the log."""
         from .measure import harmonic_errors, validation_errors
 
-        k = self.state.iteration
-        model = self._model_of(k)
-        t0 = time.time()
         errors = harmonic_errors(model, self.references())
         val = validation_errors(model)
         per = ", ".join(f"{n} {e['mae_cm-1']:.2f}" if not math.isnan(e["mae_cm-1"])
                         else f"{n} n/a (committee relaxation failed: {e.get('error', 'not converged')})"
                         for n, e in errors["structures"].items())
-        row = {"iteration": k, "labels": self.n_labels(), "harmonic_mae_cm-1": errors["mae_cm-1"],
+        row = {"iteration": iteration, "labels": self.n_labels(), "harmonic_mae_cm-1": errors["mae_cm-1"],
                "harmonic_rmse_cm-1": errors["rmse_cm-1"], "model": str(model.relative_to(self.workdir)),
                "val_energy_mae_meV_per_atom": val.get("energy_mae_meV_per_atom"),
                "val_force_mae_eV_per_A": val.get("force_mae_eV_per_A"), "val_dipole_mae_D": val.get("dipole_mae_D")}
+        return errors, val, row, per
+
+    def measure(self) -> None:
+        k = self.state.iteration
+        model = self._model_of(k)
+        t0 = time.time()
+        errors, val, row, per = self._measure_model(model, k)
         if k == 0:
             init = self.state["initial"]
             row.update(new_labels=init.get("labelled", 0), failed_labels=init.get("failed", 0))
@@ -422,8 +428,6 @@ class Manager:
         """The long from-scratch training on every label (``[stopping] final_epochs``), then its measure."""
         import dataclasses
 
-        from .measure import harmonic_errors, validation_errors
-
         k = self.state.iteration
         epochs = self.config.stopping.final_epochs
         out = self.workdir / "models" / "final"
@@ -433,18 +437,11 @@ class Manager:
         cfg = dataclasses.replace(self.config.train_config(warm_start=None), epochs=epochs, patience=epochs)
         self._train(k, warm_start=None, out=out, cfg=cfg, name="final")
         t0 = time.time()
-        errors = harmonic_errors(out, self.references())
-        val = validation_errors(out)
-        row = {"iteration": "final", "labels": self.n_labels(), "new_labels": 0,
-               "harmonic_mae_cm-1": errors["mae_cm-1"], "harmonic_rmse_cm-1": errors["rmse_cm-1"],
-               "model": str(out.relative_to(self.workdir)),
-               "val_energy_mae_meV_per_atom": val.get("energy_mae_meV_per_atom"),
-               "val_force_mae_eV_per_A": val.get("force_mae_eV_per_A"), "val_dipole_mae_D": val.get("dipole_mae_D"),
-               "seconds": round(time.time() - self.state.get("started_iteration", time.time()), 1)}
+        errors, val, row, per = self._measure_model(out, "final")
+        row.update(new_labels=0, seconds=round(time.time() - self.state.get("started_iteration", time.time()), 1))
         self.state["final"] = {"after_iteration": k, "epochs": epochs, "row": row,
                                "measured": {"harmonic": errors, "validation": val}}
         self._write_report()
-        per = ", ".join(f"{n} {e['mae_cm-1']:.2f}" for n, e in errors["structures"].items())
         last = self.state["iterations"].get(str(k), {}).get("row") or self.state["initial"].get("row") or {}
         before = f" (iteration {k}: {last['harmonic_mae_cm-1']:.2f})" if last.get("harmonic_mae_cm-1") else ""
         self.log(f"final: harmonic MAE {errors['mae_cm-1']:.2f} cm^-1{before}, RMSE {errors['rmse_cm-1']:.2f} cm^-1 "

@@ -59,8 +59,6 @@ def reference_harmonics(structures: dict[str, str], backend: str, cache_dir: str
     ``cache_dir`` (``harmonic.json``, ``NAME_harmonic.csv``, ``NAME_relaxed.extxyz``). ``workers`` > 1:
     the missing structures are analysed in that many processes at once, the largest first (each is a
     serial chain of reference calculations: relaxation, then 6N + 1 gradients)."""
-    from ase.io import read
-
     cache_dir = Path(cache_dir)
     cache_file = cache_dir / "harmonic.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
@@ -74,14 +72,15 @@ def reference_harmonics(structures: dict[str, str], backend: str, cache_dir: str
             missing.append(name)
     if missing:
         from al_manager.reference.base import get_backend
+        from ipi_inputs import read_cluster
 
         get_backend(backend, **(backend_options or {})).check_available()
         cache_dir.mkdir(parents=True, exist_ok=True)
-        # largest first: the longest chain starts at once
-        missing.sort(key=lambda n: -len(read(str(structures[n]))))
+        sizes = {name: len(read_cluster(str(structures[name]))) for name in missing}
+        missing.sort(key=lambda n: -sizes[n])   # largest first: the longest chain starts at once
         for name in missing:
-            log(f"reference harmonic frequencies of {name}: relaxing and {6 * len(read(str(structures[name]))) + 1} "
-                f"gradients with {backend}{' (in parallel with the others)' if workers > 1 and len(missing) > 1 else ''}")
+            log(f"reference harmonic frequencies of {name}: relaxing and {6 * sizes[name] + 1} gradients with "
+                f"{backend}{' (in parallel with the others)' if workers > 1 and len(missing) > 1 else ''}")
 
         def store(name: str, entry: dict, messages: list[str]) -> None:
             for message in messages:

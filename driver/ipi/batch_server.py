@@ -21,9 +21,9 @@ carry the trajectory's last computed dipole; i-PI's dipole trajectories must hav
 so only computed dipoles are written (the step numbering is explained in :mod:`driver.ipi.pes`).
 
 Committee every K MD steps (``--committee-every K`` > 1; default 1: the committee mean propagates every
-step): energy member 0 alone propagates the trajectory on every step, and the whole committee (its disagreement, the
-trust cap, flagging, the per-step log) runs only on steps that are multiples of K, about a third of the
-model's cost for 3 members. The forces stay those of one smooth surface (member 0 on check steps too); the
+step): energy member 0 alone propagates the trajectory on every step, and the whole committee (its
+disagreement, the trust cap, flagging, the per-step log) runs only on steps that are multiples of K, about
+a third of the model's cost for 3 members. The forces stay those of one smooth surface (member 0 on check steps too); the
 extras of the other steps carry the last check's disagreement. Nothing is lost against the trust cap but
 up to K - 1 steps of reaction time (``bench/spectrum_fidelity.py`` measures what the spectra lose,
 ``bench/campaign_throughput.py`` what the production gains).
