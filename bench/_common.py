@@ -101,3 +101,17 @@ def learning_curve(workdir: Path):
     mae = [float(r["harmonic_mae_cm-1"]) for r in rows]
     rmse = [float(r["harmonic_rmse_cm-1"]) for r in rows]
     return rows, labels, mae, rmse, json.loads((Path(workdir) / "state.json").read_text())
+
+
+def short_campaign(models: Path, output: Path, clusters: dict[str, Path], temperature: float, seeds: int,
+                   production_ps: float, md: dict, run: dict, **sections) -> dict:
+    """The TOML-equivalent dict of a short NVT campaign for a benchmark (``config_from_dict`` checks it):
+    ``md`` adds to the [md] section, ``run`` is [run], ``sections`` are the others (e.g. ``trust``). The
+    discarded start (a quarter, at most 1 ps) and the correlation depth (a quarter of what is left, at most
+    2048 fs) follow the production length, so that short slices validate too; no harmonic spectra."""
+    discard = min(1.0, production_ps / 4)
+    return {"models": str(models), "output": str(output), "temperatures": [temperature], "seeds": seeds,
+            "ensemble": "nvt",
+            "md": {"production_ps": production_ps, "discard_ps": discard, **md}, "run": run,
+            "spectra": {"harmonic": False, "correlation_depth_fs": min(2048.0, 250.0 * (production_ps - discard))},
+            "clusters": {name: str(path) for name, path in clusters.items()}, **sections}

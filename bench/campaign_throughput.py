@@ -84,6 +84,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common, also when imported by a test
+from _common import short_campaign  # noqa: E402
 STRUCTURES = ROOT / ".." / "shared" / "data" / "structures"
 BIN = Path(sys.executable).parent
 TIMESTEP_FS = 0.5
@@ -386,16 +388,12 @@ def ps_per_hour(steps_per_s: float) -> float:
 # ---------------------------------------------------------------------- the campaign slice
 def slice_dict(models: Path, output: Path, ps: float, md) -> dict:
     """A campaign of P1-P5, O1-O5 at 400 K, 1 seed, ``ps`` of NVT production, the settings of ``md``."""
-    discard = min(1.0, ps / 4)
-    return {"models": str(models), "output": str(output), "temperatures": [SLICE_TEMPERATURE], "seeds": 1,
-            "ensemble": "nvt",
-            "md": {"equilibration_ps": 0.0, "production_ps": ps, "discard_ps": discard, "timestep_fs": TIMESTEP_FS,
-                   "dipole_stride_fs": md.dipole_stride_fs,
-                   "committee_every_fs": "none" if md.committee_every_fs is None else md.committee_every_fs},
-            "run": {"workers": SLICE_WORKERS, "drivers": "auto", "threads": 1},
-            "trust": {"trust_cap": "none", "fragment_distance": "none"},
-            "spectra": {"harmonic": False, "correlation_depth_fs": min(2048.0, 250.0 * (ps - discard))},
-            "clusters": {name: str(structure(name)) for name in SLICE_CLUSTERS}}
+    return short_campaign(
+        models, output, {name: structure(name) for name in SLICE_CLUSTERS}, SLICE_TEMPERATURE, 1, ps,
+        {"equilibration_ps": 0.0, "timestep_fs": TIMESTEP_FS, "dipole_stride_fs": md.dipole_stride_fs,
+         "committee_every_fs": "none" if md.committee_every_fs is None else md.committee_every_fs},
+        {"workers": SLICE_WORKERS, "drivers": "auto", "threads": 1},
+        trust={"trust_cap": "none", "fragment_distance": "none"})
 
 
 def slice_config(models: Path, output: Path, ps: float, md, check_files: bool = True):

@@ -37,6 +37,9 @@ DATA = REPO / ".." / "shared" / "data" / "structures"
 CLUSTERS = {"P2": "pyroxene_N02_GM.xyz", "O2": "olivine_N02_GM.xyz", "P1": "pyroxene_N01_GM.xyz"}
 AREA_RANGE = (0.0, 2000.0)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common, also when imported by a test
+from _common import short_campaign  # noqa: E402
+
 
 def default_models() -> Path | None:
     """The final committee of bench/label_efficiency.py (trained on P1, O1, P2, O2 with xTB), if present."""
@@ -63,28 +66,14 @@ def variants(committee_every_fs: float) -> tuple[dict[str, dict], str]:
     return out, name
 
 
-def campaign_dict(models: Path, output: Path, cluster: str, temperature: float, seeds: int, ps: float,
-                  equilibration_ps: float, md: dict) -> dict:
-    discard = min(1.0, ps / 4)
-    return {"models": str(models), "output": str(output), "temperatures": [temperature], "seeds": seeds,
-            "ensemble": "nvt",
-            "md": {"equilibration_ps": equilibration_ps, "production_ps": ps, "discard_ps": discard,
-                   "checkpoint_ps": 0.5, **md},
-            "run": {"workers": seeds, "drivers": 1, "threads": 1},
-            "spectra": {"harmonic": False, "correlation_depth_fs": min(2048.0, 250.0 * (ps - discard))},
-            "clusters": {cluster: str((DATA / CLUSTERS[cluster]).resolve())}}
-
-
 def refined_peaks(spectrum, n: int, lo: float, hi: float) -> np.ndarray:
-    """The ``n`` most prominent maxima in [lo, hi], each refined by a parabola through its 3 grid points."""
-    from scipy.signal import find_peaks
+    """The ``n`` most prominent maxima in [lo, hi] (:func:`spectra.compare.peak_positions`), each refined by a
+    parabola through its 3 grid points."""
+    from spectra.compare import peak_positions
 
     x, y = spectrum.wavenumber, spectrum.intensity
-    keep = (x >= lo) & (x <= hi)
-    idx, props = find_peaks(np.where(keep, y, 0.0), prominence=0.03 * float(np.max(y[keep])))
-    idx = idx[np.argsort(props["prominences"])[::-1][:n]]
     out = []
-    for i in sorted(idx):
+    for i in np.searchsorted(x, peak_positions(spectrum.cropped(lo, hi), n, min_prominence=0.03)):
         y0, y1, y2 = y[i - 1], y[i], y[i + 1]
         denom = y0 - 2 * y1 + y2
         shift = 0.5 * (y0 - y2) / denom if denom != 0 else 0.0
@@ -97,12 +86,6 @@ def peak_shifts(reference, other, n: int) -> np.ndarray:
     ref = refined_peaks(reference, n, *AREA_RANGE)
     cand = refined_peaks(other, 4 * n, *AREA_RANGE)
     return np.array([np.min(np.abs(cand - p)) for p in ref]) if len(cand) else np.full(len(ref), np.nan)
-
-
-def mean_of(spectra):
-    from spectra.autocorrelation import mean_spectrum
-
-    return mean_spectrum(spectra)
 
 
 def main(argv=None) -> int:
@@ -129,6 +112,7 @@ def main(argv=None) -> int:
 
     from al_manager.campaign.config import config_from_dict
     from al_manager.campaign.runner import run_campaign
+    from spectra.autocorrelation import mean_spectrum
     from spectra.spectrum import read_spectrum
 
     work = args.workdir.resolve()
@@ -136,8 +120,10 @@ def main(argv=None) -> int:
     plan, default = variants(args.committee_every_fs)
     for name, md in plan.items():
         out = work / name
-        cfg = config_from_dict(campaign_dict(Path(models).resolve(), out, args.cluster, args.temperature,
-                                             args.seeds, args.ps, args.equilibration_ps, md), work)
+        cfg = config_from_dict(short_campaign(
+            Path(models).resolve(), out, {args.cluster: (DATA / CLUSTERS[args.cluster]).resolve()}, args.temperature,
+            args.seeds, args.ps, {"equilibration_ps": args.equilibration_ps, "checkpoint_ps": 0.5, **md},
+            {"workers": args.seeds, "drivers": 1, "threads": 1}), work)
         t0 = time.time()
         print(f"[{name}] dipole every {md['dipole_stride_fs']:g} fs, committee every "
               f"{md['committee_every_fs']} fs; {args.seeds} x {args.ps:g} ps of {args.cluster} at "
@@ -165,7 +151,7 @@ def main(argv=None) -> int:
     # the reference's own run-to-run band: each seed against the mean of the other seeds
     noise_shift, noise_area = [], []
     for k, run in enumerate(ref["runs"]):
-        others = mean_of([r for j, r in enumerate(ref["runs"]) if j != k])
+        others = mean_spectrum([r for j, r in enumerate(ref["runs"]) if j != k])
         noise_shift.append(float(np.max(peak_shifts(others, run, args.peaks))))
         noise_area.append(run.integral(lo, hi) / others.integral(lo, hi))
     out = {"cluster": args.cluster, "temperature_K": args.temperature, "seeds": args.seeds, "production_ps": args.ps,
