@@ -43,9 +43,12 @@ Run time (Parsl is imported only here, and only for ``mode = "parsl"``)::
         label_structures(frames, "xtb", db, executor="parsl", **labelling_arguments(settings, "xtb"))
         fut = s.executor("training").submit(train_member, ...)   # plain functions, JSON-able/numpy arguments
 
-The active-learning loop sends its labels to the ``labelling`` pool and its committee members
-(:func:`driver.training.train_committee` with ``executor=``) to the ``training`` pool; sampling stays on the
-manager's machine for now.
+The active-learning loop sends its labels to the ``labelling`` pool, each sampling run (an i-PI +
+``nanosil-driver`` pair on one node over a UNIX socket, :func:`al_manager.learning.sampling.run_pair`) to the
+``sampling`` pool and its committee members (:func:`driver.training.train_committee` with ``executor=``) to
+the ``training`` pool. Sampling drivers on other hosts send their flagged frames to the manager's collector
+over CurveZMQ with the work directory's keys (``WORKDIR/zmq_keys``, made on first use, readable by the
+user alone); with the local provider the collector stays on loopback.
 
 Inside an open :func:`session`, ``label_structures(..., executor="parsl")`` sends its tasks to the session's
 ``labelling`` pool; outside one, it starts a private local HighThroughputExecutor with ``workers`` workers for
@@ -76,7 +79,7 @@ from al_manager.settings import Where, build, type_name
 __all__ = ["PARSL_MISSING", "STAGES", "LabellingResources", "SamplingResources", "TrainingResources",
            "ExecutionSettings", "build_execution", "parsl_available", "require_parsl", "parsl_config",
            "ParslExecutor", "ParslSession", "session", "active_session", "parsl_executor",
-           "labelling_arguments", "labelling_slots"]
+           "labelling_arguments", "labelling_slots", "sampling_arguments"]
 
 PARSL_MISSING = 'mode = "parsl" needs Parsl: pip install nanosil[hpc]'
 STAGES = ("labelling", "sampling", "training")
@@ -564,3 +567,23 @@ def labelling_arguments(settings: ExecutionSettings, backend: str, workers: int 
         if lab.orca_command:
             options["command"] = lab.orca_command
     return {"executor": "parsl", "workers": labelling_slots(settings), "backend_options": options or None}
+
+
+def sampling_arguments(settings: ExecutionSettings, workdir: str | Path) -> dict:
+    """The placement keywords of :class:`al_manager.learning.sampling.Sampler` (``executor``, ``slots``,
+    ``collector_keys``, ``collector_host``): none locally; with Parsl, the session's ``sampling`` pool with
+    ``pairs_per_node`` x nodes x blocks runs at once and, for pools on other hosts (slurm, pbs), a CurveZMQ
+    collector reachable at ``address`` (default this host's name) with the keys of ``WORKDIR/zmq_keys``."""
+    s = active_session()
+    if settings.mode != "parsl" or s is None:
+        return {}
+    out = {"executor": s.executor("sampling"),
+           "slots": settings.sampling.pairs_per_node * settings.nodes * settings.max_blocks}
+    if settings.provider != "local":
+        import socket
+
+        from driver.flagging import create_zmq_keys
+
+        out["collector_keys"] = create_zmq_keys(workdir)
+        out["collector_host"] = settings.address or socket.getfqdn()
+    return out

@@ -407,6 +407,7 @@ def test_an_iteration_on_parsl_survives_a_killed_manager(initialised, uninterrup
     again = nanosil("al", "run", config, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-3000:]
     assert "as tasks of ParslExecutor training" in again.stdout
+    assert "as tasks of ParslExecutor sampling" in (tmp_path / "first.out").read_text()
     rows = db_rows(workdir)
     assert len(rows) == expected_labels and len({r.hash for r in rows}) == len(rows)
     assert (workdir / "models" / "iter_001" / "committee.json").is_file()
@@ -467,6 +468,73 @@ def test_crashed_and_exploded_runs_are_recorded_and_the_iteration_goes_on(tmp_pa
     assert run["steps"] < 200  # stopped through EXIT, long before the 200-step maximum
     assert leftover_processes(tmp_path / "wd", state.token) == []
     assert state.data["children"] == []
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.slow
+def test_sampling_runs_as_parsl_tasks_and_a_killed_worker_is_retried(tmp_path, small_config):
+    """Each run as a task on a real Parsl sampling pool (HighThroughputExecutor, local provider, 2 pairs at
+    once): the frames reach the manager's collector from the workers' drivers. The worker process of one
+    run is SIGKILLed while its i-PI runs: the task is retried from the run's inputs and the run still
+    delivers its frames; no process of the work directory is left."""
+    pytest.importorskip("parsl")
+    from al_manager.execution import ExecutionSettings, SamplingResources, sampling_arguments, session
+    from al_manager.learning.sampling import Sampler, SamplingSettings, plan_runs
+    from al_manager.learning.state import State
+    from al_manager.processes import cwd_is, tagged_processes
+    from driver.models.committee import build_committee, save_committee
+
+    models = tmp_path / "models"
+    save_committee(build_committee(small_config, n_members=2, n_dipole=0, seed=1), models)
+    p1, o1 = shared_file("structures", "pyroxene_N01_GM.xyz"), shared_file("structures", "olivine_N01_GM.xyz")
+    state = State.load(tmp_path / "wd", create=True)
+    specs = plan_runs({"P1": str(p1), "O1": str(o1)}, [500])
+    # frames 100 fs apart: the runs last long enough to be caught at work
+    settings = SamplingSettings(max_md_ps=1.0, timestep_fs=1.0, energy_threshold=1e-6, frames_per_run=3,
+                                min_flag_gap_fs=100.0, mpi_ranks=1, partner_grace_s=5)
+    execution = ExecutionSettings(mode="parsl", provider="local", retries=1, heartbeat_period=1,
+                                  heartbeat_threshold=10, sampling=SamplingResources(pairs_per_node=2))
+    lines, killed = [], []
+    it_dir = tmp_path / "wd" / "it1"
+    import threading
+
+    def kill_a_worker():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            for pid in tagged_processes(state.token):
+                if cwd_is(pid, it_dir / "runs" / "O1_500K") and "i-pi" in Path(f"/proc/{pid}/cmdline").read_text():
+                    time.sleep(1.0)   # i-PI is stepping
+                    worker = _parent(pid)
+                    os.kill(worker, signal.SIGKILL)
+                    killed.append(worker)
+                    return
+            time.sleep(0.05)
+
+    with _owner(state), session(execution, tmp_path / "runinfo", stages=("sampling",)):
+        placement = sampling_arguments(execution, tmp_path / "wd")
+        assert placement["slots"] == 2 and "collector_keys" not in placement  # loopback on this machine
+        killer = threading.Thread(target=kill_a_worker)
+        killer.start()
+        record = Sampler(state, 1, specs, models, it_dir, settings, log=lines.append, **placement).run()
+        killer.join()
+        retried = placement["executor"].retried
+    assert killed, "no sampling worker was seen running i-PI"
+    assert retried >= 1, "the killed worker's task was not retried"
+    for name in ("P1_500K", "O1_500K"):
+        run = record["runs"][name]
+        assert run["status"] == "done" and run["frames"] == 3, (run, lines[-10:])
+    assert sorted(f["run"] for f in record["frames"]) == ["O1_500K"] * 3 + ["P1_500K"] * 3
+    assert any("O1_500K flagged" in line for line in lines)
+    # the retried task's i-PI wrote the run's checkpoint for the next iteration
+    assert (it_dir / "runs" / "O1_500K" / "RESTART").is_file()
+    deadline = time.monotonic() + 30   # the session's worker pool exits a moment after its end
+    while leftover_processes(tmp_path / "wd", state.token) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert leftover_processes(tmp_path / "wd", state.token) == []
 
 
 class _owner:

@@ -253,13 +253,18 @@ class Manager:
         self.state.iteration_record(k)
         self.state.save()
         model = self._model_of(k - 1)
+        from al_manager.execution import sampling_arguments
+
+        placement = sampling_arguments(self.config.execution, self.workdir)  # {} here, a Parsl pool with [execution]
+        where = (f"{placement['slots']} at a time as tasks of ParslExecutor sampling" if placement else
+                 f"{self.config.sampling.parallel_runs} at a time")
         self.log(f"iteration {k}: sampling {len(specs)} run(s) ({len(self.config.structures)} structure(s) x "
-                 f"{len(self.config.temperatures)} temperature(s)), {self.config.sampling.parallel_runs} at a time, "
-                 f"model {model.name}")
+                 f"{len(self.config.temperatures)} temperature(s)), {where}, model {model.name}")
         t0 = time.time()
         settings = self.sampling_settings(k, model)
         record = Sampler(self.state, k, specs, model, self.iter_dir(k), settings,
-                         previous_iter_dir=self.iter_dir(k - 1) if k > 1 else None, log=self.log).run()
+                         previous_iter_dir=self.iter_dir(k - 1) if k > 1 else None, log=self.log,
+                         **placement).run()
         s = summarize(record)
         record["sampling_seconds"] = round(record.get("sampling_seconds", 0.0) + time.time() - t0, 1)
         self.log(f"iteration {k}: sampling done: {s['frames']} uncertain frame(s) from {s['runs']} run(s) "

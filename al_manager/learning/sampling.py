@@ -193,8 +193,8 @@ class _Live:
     run_id: str
     socket_name: str
     quota: int                       # frames still wanted from this attempt
-    ipi: subprocess.Popen
-    driver: subprocess.Popen
+    ipi: "subprocess.Popen | _TaskProcess"
+    driver: "subprocess.Popen | _TaskProcess"
     logs: list = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     exit_requested: float | None = None
@@ -212,7 +212,17 @@ class _Live:
     def alive(self) -> bool:
         return self.ipi.poll() is None or self.driver.poll() is None
 
+    @property
+    def remote(self) -> bool:
+        return isinstance(self.ipi, _TaskProcess)
+
     def kill(self) -> None:
+        if self.remote:  # the task on its worker ends both processes when it sees the file
+            (self.run_dir / KILL_FILE).touch()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and self.alive():
+                time.sleep(0.1)
+            return
         for proc in (self.ipi, self.driver):
             if proc.poll() is None:
                 signal_group_or_pid(proc.pid, proc.pid, signal.SIGTERM)
@@ -235,6 +245,97 @@ class _Live:
                 pass
 
 
+# ---------------------------------------------------------------------- one run as a Parsl task
+TASK_FILE = "TASK.json"   # written by the manager: the attempt this folder belongs to and its input files
+KILL_FILE = "KILL"        # created by the manager: the task ends both processes at once
+
+
+def run_pair(run_dir: str, ipi_argv: list[str], driver_argv: list[str], env: dict, attempt: int,
+             exit_grace_s: float, partner_grace_s: float) -> dict:
+    """One sampling run's i-PI and ``nanosil-driver`` on the node of a Parsl worker (the ``sampling``
+    pool), over a UNIX socket of that node, supervised as the manager supervises a local pair: after
+    i-PI's ``EXIT`` file appears (the manager's request) i-PI gets ``exit_grace_s``, after one process ended
+    the other gets ``partner_grace_s``, then both are ended. The driver sends its flagged frames to the
+    manager's collector itself; the manager asks for the end through files in the shared run folder
+    (``EXIT``, :data:`KILL_FILE`), so a task needs nothing but a shared file system and the flag endpoint.
+
+    A retried task (its worker or node died) starts the run again from its inputs: the outputs of the
+    earlier try are removed first. A task whose folder no longer belongs to ``attempt`` (a resumed manager
+    started the run again) ends at once. Returns ``{"ipi": rc, "driver": rc, "host": ..., "ended": why}``;
+    argv[0] of each command is a program name, found here on the worker (:func:`executable`)."""
+    import json
+    import socket as _socket
+
+    folder = Path(run_dir)
+
+    def mine() -> bool:
+        try:
+            return json.loads((folder / TASK_FILE).read_text()).get("attempt") == attempt
+        except (OSError, ValueError):
+            return False
+
+    if not mine():
+        return {"ipi": -1, "driver": -1, "host": _socket.gethostname(), "ended": "run folder taken over"}
+    inputs = set(json.loads((folder / TASK_FILE).read_text())["inputs"]) | {TASK_FILE}
+    for path in folder.iterdir():  # an earlier try of this task: start from the inputs again
+        if path.name not in inputs:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    full_env = {**os.environ, **env}
+    procs = {}
+    with open(folder / "ipi.log", "w") as ipi_log, open(folder / "driver.log", "w") as drv_log:
+        for role, argv, log in (("ipi", ipi_argv, ipi_log), ("driver", driver_argv, drv_log)):
+            procs[role] = subprocess.Popen([executable(argv[0]), *argv[1:]], cwd=folder, stdout=log,
+                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env,
+                                           start_new_session=True, preexec_fn=die_with_parent)
+        ended, first_end, exit_seen = "", None, None
+        while any(p.poll() is None for p in procs.values()):
+            now = time.monotonic()
+            if first_end is None and any(p.poll() is not None for p in procs.values()):
+                first_end = now
+            if exit_seen is None and (folder / "EXIT").exists():
+                exit_seen = now
+            why = ("stopped by the manager" if (folder / KILL_FILE).exists() or not mine() else
+                   "still running after EXIT" if exit_seen is not None and now - exit_seen > exit_grace_s else
+                   "partner ended" if first_end is not None and now - first_end > partner_grace_s else "")
+            if why:
+                ended = why
+                for p in procs.values():
+                    if p.poll() is None:
+                        signal_group_or_pid(p.pid, p.pid, signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and any(p.poll() is None for p in procs.values()):
+                    time.sleep(0.05)
+                for p in procs.values():
+                    if p.poll() is None:
+                        signal_group_or_pid(p.pid, p.pid, signal.SIGKILL)
+                        p.wait()
+                break
+            time.sleep(0.2)
+    return {"ipi": procs["ipi"].returncode, "driver": procs["driver"].returncode,
+            "host": _socket.gethostname(), "ended": ended}
+
+
+class _TaskProcess:
+    """What the event loop asks of a Popen (``poll``, ``returncode``, ``pid``) for one process of a pair
+    that runs in a Parsl task (:func:`run_pair`): its return code comes with the task's result; a task that
+    failed (also after its retries) counts as exit -1, with the reason in ``error``."""
+
+    pid = None
+
+    def __init__(self, future, role: str):
+        self.future, self.role = future, role
+        self.returncode: int | None = None
+        self.error = ""
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self.future.done():
+            try:
+                self.returncode = int(self.future.result()[self.role])
+            except Exception as exc:  # the task itself failed: worker lost more often than retries allow
+                self.returncode, self.error = -1, f"sampling task failed: {type(exc).__name__}: {exc}"[:300]
+        return self.returncode
+
+
 def _tail_reason(path: Path, keys=("error", "Error", "Traceback", "!W!", "exception")) -> str:
     """The most telling line of a log: the last one mentioning an error, else the last line."""
     try:
@@ -253,7 +354,15 @@ class Sampler:
 
     def __init__(self, state: State, iteration: int, specs: list[RunSpec], models_dir: str | os.PathLike,
                  iter_dir: str | os.PathLike, settings: SamplingSettings,
-                 previous_iter_dir: str | os.PathLike | None = None, log: Callable[[str], None] = print):
+                 previous_iter_dir: str | os.PathLike | None = None, log: Callable[[str], None] = print,
+                 executor=None, slots: int | None = None, collector_keys: str | os.PathLike | None = None,
+                 collector_host: str | None = None):
+        """``executor``: a concurrent.futures-style executor (the Parsl ``sampling`` pool of
+        :mod:`al_manager.execution`) that runs each pair as a :func:`run_pair` task in the shared run
+        folder, ``slots`` of them at once (default ``parallel_runs``); without it, the pairs are child
+        processes here. ``collector_keys``: a CurveZMQ keys folder (:func:`driver.flagging.create_zmq_keys`):
+        the collector then listens on every interface and the drivers, on other hosts, connect to
+        ``collector_host`` with those keys; without it, the collector listens on loopback only."""
         self.state = state
         self.iteration = int(iteration)
         self.specs = specs
@@ -267,6 +376,10 @@ class Sampler:
         self.by_run_id: dict[str, str] = {}
         self.collector = None
         self.endpoint = ""
+        self.executor = executor
+        self.slots = int(slots or settings.parallel_runs) if executor is not None else settings.parallel_runs
+        self.collector_keys = Path(collector_keys) if collector_keys else None
+        self.collector_host = collector_host
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _run_record(self, spec: RunSpec) -> dict:
@@ -306,25 +419,40 @@ class Sampler:
                      timestep_fs=s.timestep_fs)
         rec["timestep_fs"] = s.timestep_fs
         run_id = f"{spec.name}.it{self.iteration:03d}.a{rec['attempt']}"
-        env = self.state.child_env()
-        env.setdefault("OMP_NUM_THREADS", "1")
-        ipi_log = open(run_dir / "ipi.log", "w")
-        drv_log = open(run_dir / "driver.log", "w")
-        ipi = subprocess.Popen([executable("i-pi"), f"{PREFIX}.xml"], cwd=run_dir, stdout=ipi_log,
-                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                               start_new_session=True, preexec_fn=die_with_parent)
-        self.state.add_child(ipi.pid, "i-pi", spec.name)
-        cmd = [executable("mpirun"), "-n", str(s.mpi_ranks), executable("nanosil-driver"),
-               "--models", str(self.models_dir), "--structure", f"{PREFIX}.init.xyz",
-               "--unix", socket_name, "--flag-endpoint", self.endpoint, "--run-id", run_id,
-               "--flag-file", "flagged_fallback.extxyz", "--threads", str(s.driver_threads),
-               "--dtype", s.dtype, "--log-every", str(s.log_every), *s.driver_flags()]
-        driver = subprocess.Popen(cmd, cwd=run_dir, stdout=drv_log, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                                  preexec_fn=die_with_parent)
-        self.state.add_child(driver.pid, "mpirun", spec.name)
+        ipi_argv = ["i-pi", f"{PREFIX}.xml"]
+        # argv[0]s are program names: found next to this Python here, on the worker's PATH in a task
+        driver_argv = ["mpirun", "-n", str(s.mpi_ranks), "nanosil-driver",
+                       "--models", str(self.models_dir), "--structure", f"{PREFIX}.init.xyz",
+                       "--unix", socket_name, "--flag-endpoint", self.endpoint, "--run-id", run_id,
+                       "--flag-file", "flagged_fallback.extxyz", "--threads", str(s.driver_threads),
+                       "--dtype", s.dtype, "--log-every", str(s.log_every), *s.driver_flags()]
+        if self.collector_keys is not None:
+            driver_argv += ["--zmq-keys", str(self.collector_keys.resolve())]
         quota = max(0, self.settings.frames_per_run - rec["frames"])
-        live = _Live(spec, run_dir, run_id, socket_name, quota, ipi, driver, logs=[ipi_log, drv_log])
+        if self.executor is not None:
+            import json
+
+            from al_manager.processes import OWNER_ENV
+
+            (run_dir / TASK_FILE).write_text(json.dumps({"attempt": rec["attempt"],
+                                                         "inputs": sorted(p.name for p in run_dir.iterdir())}))
+            future = self.executor.submit(run_pair, str(run_dir.resolve()), ipi_argv, driver_argv,
+                                          {OWNER_ENV: self.state.token, "OMP_NUM_THREADS": "1"}, rec["attempt"],
+                                          s.exit_grace_s, s.partner_grace_s)
+            live = _Live(spec, run_dir, run_id, socket_name, quota, _TaskProcess(future, "ipi"),
+                         _TaskProcess(future, "driver"))
+        else:
+            env = self.state.child_env()
+            env.setdefault("OMP_NUM_THREADS", "1")
+            ipi_log = open(run_dir / "ipi.log", "w")
+            drv_log = open(run_dir / "driver.log", "w")
+            procs = []
+            for argv, log in ((ipi_argv, ipi_log), (driver_argv, drv_log)):
+                procs.append(subprocess.Popen([executable(argv[0]), *argv[1:]], cwd=run_dir, stdout=log,
+                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                              start_new_session=True, preexec_fn=die_with_parent))
+                self.state.add_child(procs[-1].pid, argv[0], spec.name)
+            live = _Live(spec, run_dir, run_id, socket_name, quota, *procs, logs=[ipi_log, drv_log])
         rec["status"], rec["start"], rec["reason"] = "running", note, ""
         self.state.save()
         self.by_run_id[run_id] = spec.name
@@ -407,7 +535,7 @@ class Sampler:
         for proc in (live.ipi, live.driver):
             self.state.data["children"] = [c for c in self.state.data["children"] if c["pid"] != proc.pid]
         # the driver's MPI ranks may outlive mpirun by a moment: none of this run may be left
-        leftovers = [p for p in tagged_processes(self.state.token) if cwd_is(p, live.run_dir)]
+        leftovers = [] if live.remote else [p for p in tagged_processes(self.state.token) if cwd_is(p, live.run_dir)]
         if leftovers:
             end_processes(leftovers, grace=5.0)
         rec["seconds"] = round(rec.get("seconds", 0.0) + time.monotonic() - live.started, 1)
@@ -418,6 +546,8 @@ class Sampler:
         elif rc_ipi == 0 and rc_drv == 0:
             rec["status"] = "done"
             rec["reason"] = live.why_stop or f"maximum MD time ({steps} steps)"
+        elif live.remote and live.ipi.error:
+            rec["status"], rec["reason"] = "crashed", live.ipi.error
         else:
             which = []
             if rc_drv != 0:
@@ -459,11 +589,16 @@ class Sampler:
         self.state.save()
         if not todo:
             return self.record
-        self.collector = FlagCollector("tcp://127.0.0.1:*")
-        self.endpoint = self.collector.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+        if self.collector_keys is None:
+            self.collector = FlagCollector("tcp://127.0.0.1:*")
+            self.endpoint = self.collector.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+        else:  # drivers on other hosts: CurveZMQ, only the workdir's client key is accepted
+            self.collector = FlagCollector("tcp://0.0.0.0:*", keys_dir=self.collector_keys, log=self.log)
+            port = self.collector.socket.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1]
+            self.endpoint = f"tcp://{self.collector_host}:{port}"
         try:
             while todo or self.live:
-                while todo and len(self.live) < self.settings.parallel_runs:
+                while todo and len(self.live) < self.slots:
                     spec = todo.pop(0)
                     rec = self.record["runs"][spec.name]
                     try:
