@@ -273,3 +273,45 @@ def test_campaign_killed_resumed_and_extended(xtb_model, tmp_path):
     six_runs = _stderr_squares(out)
     # variance of the mean: sigma^2/n, expected ratio 2/6; a factor 1.5 leaves room for the noise of 2 runs
     assert six_runs < two_runs / 1.5, (two_runs, six_runs)
+
+
+@pytest.mark.slow
+def test_a_campaign_on_parsl_runs_shards_on_workers_and_assembles_the_spectra(xtb_model, tmp_path):
+    """[execution] mode = "parsl" (a real HighThroughputExecutor, local provider, 2 shards at once): the
+    trajectories run as two shard tasks on the sampling pool, each a campaign with its own batched driver,
+    and the manager writes the spectra; a rerun finds everything finished."""
+    pytest.importorskip("parsl")
+    model, paths = xtb_model
+    config = tmp_path / "campaign.toml"
+    _write_config(config, model, paths, seeds=1, workers=1)
+    config.write_text(config.read_text() + """
+[execution]
+mode = "parsl"
+provider = "local"
+retries = 1
+heartbeat_period = 1
+heartbeat_threshold = 10
+
+[execution.sampling]
+pairs_per_node = 2
+""")
+    out = tmp_path / "out"
+    proc = _campaign(config)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-4000:]
+    assert "2 to run on Parsl (local provider)" in err, err[-3000:]
+    assert err.count("as a task of ParslExecutor sampling") == 2
+    assert "shard0 on " in err and "shard1 on " in err and "1 done" in err
+    # the shards' drivers kept their files apart
+    assert (out / "drivers-shard0.json").is_file() and (out / "drivers-shard1.json").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == {"done": 2, "untrusted": 0, "failed": 0, "pending": 0}
+    for name in ("P1", "O1"):
+        spectrum = np.loadtxt(out / "spectra" / name / "100K" / "spectrum.csv", delimiter=",", skiprows=1)
+        assert np.all(np.isfinite(spectrum[:, [0, 2]])) and spectrum[:, 2].max() > 0
+        folder = out / "runs" / name / "100K" / "seed1" / "md"
+        assert dipole_labels(folder / "md.dipole_0") == list(range(0, 550 + 1, 4))
+    again = _campaign(config)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert "2 already finished, 0 to run on Parsl" in err

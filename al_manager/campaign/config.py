@@ -45,6 +45,13 @@ Configuration (TOML; paths relative to the file; every key optional except ``mod
     correct_central_difference = true   # divide out the (sin x/x)^2 damping of the dipole's central difference
                                         # (x = 2 pi c nu dt): -4.4% at 1000 cm^-1 with a dipole every 2 fs
 
+    [execution]                         # where the trajectories run: the AL's section (al_manager.execution);
+    mode = "parsl"                      # "local" (default) | "parsl": the trajectories are split into shards,
+                                        # one Parsl task each on the sampling pool ([execution.sampling]
+                                        # pairs_per_node shards per node), each shard a campaign of its own on
+                                        # its node ([run] is per node) in the shared output folder; the
+                                        # manager assembles the spectra
+
     [clusters]                          # name = structure file, or a table
     P1 = "structures/pyroxene_N01_GM.xyz"
     O2 = { structure = "structures/olivine_N02_GM.xyz", composition = "olivine", size = 2 }
@@ -59,7 +66,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from al_manager.execution import build_execution
+from al_manager.execution import ExecutionSettings, build_execution
 from al_manager.settings import Where, build, check_keys, convert, read_toml, table_of, temperatures
 
 COMPOSITIONS = {"pyroxene": {"Mg": 1, "Si": 1, "O": 3}, "olivine": {"Mg": 2, "Si": 1, "O": 4}}
@@ -190,6 +197,7 @@ class CampaignConfig:
     run: RunSettings = field(default_factory=RunSettings)
     trust: TrustSettings = field(default_factory=TrustSettings)
     spectra: SpectraSettings = field(default_factory=SpectraSettings)
+    execution: ExecutionSettings = field(default_factory=ExecutionSettings)   # [execution], as the AL's
     source: Path | None = None       # the TOML file
 
     def trajectories(self) -> list["TrajectorySpec"]:
@@ -297,20 +305,21 @@ def config_from_dict(data: dict, base: Path, source: Path | None = None, check_f
         where.fail("md.equilibration_ps", "must be positive for ensemble = \"nve\" (NVE starts from an "
                                           "equilibrated NVT checkpoint)")
     run = build(RunSettings, table_of(data, "run", where), "run", where)
-    cores = os.cpu_count() or 1
+    execution = build_execution(table_of(data, "execution", where), where)
+    # [run] describes one node's share: this machine's, or a Parsl node's ([execution] cores_per_node; unknown
+    # before the job starts unless given)
+    remote = execution.uses_parsl and execution.provider != "local"
+    cores = execution.cores_per_node if remote else (os.cpu_count() or 1)
+    where_cores = "cores_per_node of [execution]" if remote else "cores of this machine"
     if run.drivers == "auto":
         # one driver per core, each with >= 4 trajectories to batch (bench/campaign_throughput.py)
-        run = replace(run, drivers=max(1, min(cores // run.threads, run.workers // 4)))
-    if run.drivers * run.threads > cores:
+        run = replace(run, drivers=max(1, min((cores or run.workers) // run.threads, run.workers // 4)))
+    if cores and run.drivers * run.threads > cores:
         where.fail("run", f"drivers x threads = {run.drivers * run.threads} torch threads would "
-                          f"oversubscribe the {cores} cores of this machine")
+                          f"oversubscribe the {cores} {where_cores}")
     if run.drivers > run.workers:
         where.fail("run.drivers", f"({run.drivers}) must not exceed run.workers ({run.workers})")
     trust = build(TrustSettings, table_of(data, "trust", where), "trust", where)
-    execution = build_execution(table_of(data, "execution", where), where)
-    if execution.uses_parsl:  # the same section as the AL's; trajectories as Parsl tasks are not built yet
-        where.fail("execution.mode", 'campaigns run on this machine only for now (mode = "local"); '
-                                     'active learning takes mode = "parsl"')
     spectra = build(SpectraSettings, table_of(data, "spectra", where), "spectra", where)
     usable_fs = (md.production_ps - md.discard_ps) * 1000.0
     if spectra.correlation_depth_fs + 2 * md.dipole_stride_fs > usable_fs:
@@ -346,7 +355,8 @@ def config_from_dict(data: dict, base: Path, source: Path | None = None, check_f
         clusters.append(spec)
     return CampaignConfig(models=models, output=output, clusters=tuple(clusters),
                           temperatures=tuple(temps), seeds=tuple(seeds),
-                          ensemble=ensemble, md=md, run=run, trust=trust, spectra=spectra, source=source)
+                          ensemble=ensemble, md=md, run=run, trust=trust, spectra=spectra, execution=execution,
+                          source=source)
 
 
 def describe(config: CampaignConfig) -> str:

@@ -312,13 +312,18 @@ class Active:
 class CampaignRunner:
     """Schedules the trajectories of a campaign over i-PI processes and batched drivers."""
 
-    def __init__(self, config: CampaignConfig, log=None, progress_every: float = 30.0, stream=None):
+    def __init__(self, config: CampaignConfig, log=None, progress_every: float = 30.0, stream=None,
+                 only: set[str] | None = None, shard: str | None = None):
+        """``only``: the ids of the trajectories this runner runs (a shard of a campaign on Parsl, see
+        :func:`run_shard`; default all); ``shard``: its name, which keeps its drivers' files apart."""
         self.config = config
+        self.shard = shard
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
         self.stream = stream if stream is not None else sys.stderr
         self.live = bool(getattr(self.stream, "isatty", lambda: False)())
         self.progress_every = 1.0 if self.live else progress_every
-        self.runs = [TrajectoryRun(spec, config, k) for k, spec in enumerate(config.trajectories())]
+        self.runs = [TrajectoryRun(spec, config, k) for k, spec in enumerate(config.trajectories())
+                     if only is None or spec.id in only]
         self._events: queue.Queue = queue.Queue()
         self._launches = 0
         self._stats = {"wall_s": 0.0, "steps": 0, "structures": 0, "batches": 0}
@@ -369,7 +374,7 @@ class CampaignRunner:
         for run in self.runs:
             if end_process(run.state.get("ipi_pid"), run.state.get("ipi_started")):
                 ended += 1
-        drivers = self.config.output / "drivers.json"
+        drivers = self._drivers_file
         if drivers.is_file():
             with contextlib.suppress(OSError, json.JSONDecodeError, TypeError):
                 for entry in json.loads(drivers.read_text()):
@@ -403,7 +408,7 @@ class CampaignRunner:
 
         pending = deque(todo)
         active: dict[str, Active] = {}
-        drivers = [DriverProcess(k, cfg, self._events, cfg.output / "drivers")
+        drivers = [DriverProcess(k, cfg, self._events, self._drivers_dir)
                    for k in range(min(cfg.run.drivers, len(todo)))]
         self._record_drivers(drivers)
         start = time.monotonic()
@@ -433,7 +438,7 @@ class CampaignRunner:
                         if restarts > 3:
                             raise RuntimeError(f"batched driver exited {restarts} times; see {driver.log_path}")
                         drivers[drivers.index(driver)] = DriverProcess(driver.index, cfg, self._events,
-                                                                       cfg.output / "drivers")
+                                                                       self._drivers_dir)
                         self._record_drivers(drivers)
                 now = time.monotonic()
                 self._stats["wall_s"] = now - start
@@ -473,8 +478,16 @@ class CampaignRunner:
             return (0, distance, -len(sizes))
         return min(drivers, key=key)
 
+    @property
+    def _drivers_dir(self) -> Path:
+        return self.config.output / "drivers" / (self.shard or "")
+
+    @property
+    def _drivers_file(self) -> Path:
+        return self.config.output / (f"drivers-{self.shard}.json" if self.shard else "drivers.json")
+
     def _record_drivers(self, drivers: list[DriverProcess]) -> None:
-        write_json(self.config.output / "drivers.json",
+        write_json(self._drivers_file,
                     [{"pid": d.proc.pid, "started": d.started} for d in drivers])  # type: ignore[arg-type]
 
     def _launch(self, run: TrajectoryRun, launch: Launch, driver: DriverProcess) -> Active:
@@ -617,14 +630,97 @@ class CampaignRunner:
 
 def run_campaign(config: CampaignConfig, log=None, analyse_only: bool = False, retry_failed: bool = True) -> dict:
     """Run (or resume) every trajectory, then write the outputs; returns the summary written to
-    ``<output>/summary.json``."""
+    ``<output>/summary.json``. With ``[execution] mode = "parsl"`` the trajectories run as shards on the
+    Parsl sampling pool (:func:`run_on_parsl`); this process then only waits, and assembles the spectra."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     config.output.mkdir(parents=True, exist_ok=True)
     runner = CampaignRunner(config, log=log)
     with runner.lock():
+        if not analyse_only and config.execution.uses_parsl:
+            throughput = run_on_parsl(config, runner, log, retry_failed=retry_failed)
+            runner = CampaignRunner(config, log=log)   # the shards' states, as they wrote them
+            return write_outputs(config, runner.states(), log=log, throughput=throughput)
         if not analyse_only:
             runner.run(retry_failed=retry_failed)
         return write_outputs(config, runner.states(), log=log, throughput=runner.throughput())
+
+
+# ---------------------------------------------------------------------- on Parsl
+def shards(runs: list[TrajectoryRun], n: int) -> list[list[TrajectoryRun]]:
+    """``runs`` (queue order: by size by default) in ``n`` contiguous blocks of nearly equal count, so each
+    node's batched drivers see clusters of similar size; empty blocks are dropped."""
+    n = max(1, min(n, len(runs)))
+    size, extra = divmod(len(runs), n)
+    out, start = [], 0
+    for k in range(n):
+        stop = start + size + (k < extra)
+        out.append(runs[start:stop])
+        start = stop
+    return [block for block in out if block]
+
+
+def run_shard(config: CampaignConfig, ids: list[str], shard: str, retry_failed: bool = True) -> dict:
+    """One Parsl task: the trajectories ``ids`` of ``config``'s campaign on this node, with [run]'s i-PI
+    processes and batched drivers, in the shared output folder (each trajectory resumes from its own
+    checkpoint, as locally). Returns the shard's throughput and the status of each of its trajectories."""
+    lines = []
+
+    def log(message: str) -> None:
+        lines.append(message)
+        print(f"[{shard}] {message}", file=sys.stderr, flush=True)
+
+    runner = CampaignRunner(config, log=log, only=set(ids), shard=shard, stream=open(os.devnull, "w"))
+    runner.run(retry_failed=retry_failed)
+    return {"throughput": runner.throughput(), "status": {r.id: r.status for r in runner.runs},
+            "host": os.uname().nodename, "last_line": lines[-1] if lines else ""}
+
+
+def run_on_parsl(config: CampaignConfig, runner: CampaignRunner, log, retry_failed: bool = True) -> dict:
+    """Run the unfinished trajectories as :func:`run_shard` tasks on the ``sampling`` pool of a Parsl session
+    (``pairs_per_node`` shards per node, over ``nodes`` x ``max_blocks`` nodes) and wait for them; a shard
+    whose task failed (also after its retries) is logged, its trajectories stay as their state files say
+    and a rerun resumes them. Returns the throughput summed over the shards (wall: this process's)."""
+    import concurrent.futures as cf
+
+    from al_manager.execution import session
+
+    ex = config.execution
+    for run in runner.runs:
+        run.check_compatible()
+    todo = [r for r in runner.runs if r.status not in FINAL and (retry_failed or r.status != "failed")]
+    log(f"campaign {config.output}: {len(runner.runs)} trajectories, {len(runner.runs) - len(todo)} already "
+        f"finished, {len(todo)} to run on Parsl ({ex.provider} provider)")
+    total = {"wall_s": 0.0, "simulated_ps": 0.0, "md_steps": 0}
+    if not todo:
+        return total
+    blocks = shards(todo, ex.sampling.pairs_per_node * ex.nodes * ex.max_blocks)
+    start = time.monotonic()
+    with session(ex, config.output / "parsl", stages=("sampling",)) as s:
+        pool = s.executor("sampling")
+        futures = {}
+        for k, block in enumerate(blocks):
+            name = f"shard{k}"
+            futures[pool.submit(run_shard, config, [r.id for r in block], name, retry_failed)] = (name, block)
+            log(f"{name}: {len(block)} trajectories ({block[0].id} ... {block[-1].id}) as a task of "
+                f"ParslExecutor sampling")
+        for fut in cf.as_completed(futures):
+            name, block = futures[fut]
+            try:
+                result = fut.result()
+            except Exception as exc:  # the task failed more often than [execution] retries allows
+                log(f"{name}: task failed: {type(exc).__name__}: {exc}; its trajectories resume on a rerun")
+                continue
+            counts = {}
+            for status in result["status"].values():
+                counts[status] = counts.get(status, 0) + 1
+            for key in ("simulated_ps", "md_steps"):
+                total[key] += result["throughput"].get(key, 0)
+            log(f"{name} on {result['host']}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) +
+                f"; {result['throughput'].get('simulated_ps', 0):.2f} ps")
+    total["wall_s"] = round(time.monotonic() - start, 2)
+    if total["wall_s"] > 0:
+        total["ps_per_hour"] = round(total["simulated_ps"] / total["wall_s"] * 3600.0, 3)
+    return total
 
 
 def _duration(seconds: float) -> str:
