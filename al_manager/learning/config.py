@@ -56,6 +56,8 @@ Layout (every section and key but ``structures`` is optional; the values shown a
                                        # [train] pretrained) on every label for this many epochs (no early
                                        # stopping) -> models/final,
                                        # measured like an iteration (row "final" of report.csv)
+    # final_from = "scratch"           # "last": continue the last iteration's committee instead (a polish)
+    # final_lr = 5e-4                  # its learning rate (default: [train] lr), decaying to zero
 
     [initial_data]                     # al_manager.learning.initial_data.InitialDataSettings
     relax = true                       # relax with the reference method first (also the start of sampling)
@@ -95,6 +97,7 @@ import json
 import re
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 from al_manager.execution import ExecutionSettings, build_execution
@@ -142,10 +145,16 @@ class StoppingRule:
     # retrains ended worse than the chain of warm-started retrains it replaces; it is meant for a final
     # schedule much longer than the whole chain's.
     final_epochs: int = 0
+    # "scratch": fresh weights (or [train] pretrained); "last": continue the last iteration's committee (a
+    # polish: on that run, 800 epochs at lr 5e-4 from iteration 11 took the MAE from 2.74 to 2.55 cm^-1)
+    final_from: Literal["scratch", "last"] = "scratch"
+    final_lr: float | None = None      # learning rate of the final training (default: [train] lr)
 
     def __post_init__(self):
         if self.final_epochs < 0:
             raise ValueError(f"final_epochs must be >= 0, got {self.final_epochs}")
+        if self.final_lr is not None and not self.final_lr > 0:
+            raise ValueError(f"final_lr must be > 0, got {self.final_lr:g}")
         if self.max_labels is not None and self.max_labels < 1:
             raise ValueError(f"max_labels must be >= 1, got {self.max_labels}")
         if self.patience < 1:

@@ -184,7 +184,7 @@ class Manager:
             self._retire_final(k)
             self.state["stop_reason"] = None
             self.state.set_phase("sampling", k + 1)
-        elif stopping.final_epochs and (self.state.get("final") or {}).get("epochs") != stopping.final_epochs:
+        elif stopping.final_epochs and _final_recipe(self.state.get("final") or {}) != _final_recipe(stopping):
             self._retire_final(k)
             self.state.set_phase("final", k)
 
@@ -430,21 +430,28 @@ class Manager:
             self.state.set_phase("sampling", k + 1)
 
     def final(self) -> None:
-        """The long from-scratch training on every label (``[stopping] final_epochs``), then its measure."""
+        """The final training on every label (``[stopping] final_epochs``: from scratch, or with
+        ``final_from = "last"`` from the last iteration's committee), then its measure."""
         import dataclasses
 
         k = self.state.iteration
-        epochs = self.config.stopping.final_epochs
+        stopping = self.config.stopping
+        epochs = stopping.final_epochs
         out = self.workdir / "models" / "final"
-        self.log(f"final: {self.state.get('stop_reason')}; training the committee from scratch on every label "
-                 f"for {epochs} epochs (no early stopping) -> {out.relative_to(self.workdir)}")
+        start = self._model_of(k) if stopping.final_from == "last" else None
+        cfg = self.config.train_config(warm_start=start)
+        lr = stopping.final_lr or cfg.lr
         # no early stopping: the best-validation weights of the whole decaying schedule are kept
-        cfg = dataclasses.replace(self.config.train_config(warm_start=None), epochs=epochs, patience=epochs)
-        self._train(k, warm_start=None, out=out, cfg=cfg, name="final")
+        cfg = dataclasses.replace(cfg, epochs=epochs, patience=epochs, lr=lr, lr_dipole=cfg.lr_dipole * lr / cfg.lr)
+        how = f"from {start.name}" if start is not None else "from scratch"
+        self.log(f"final: {self.state.get('stop_reason')}; training the committee {how} on every label for "
+                 f"{epochs} epochs at lr {lr:g} (no early stopping) -> {out.relative_to(self.workdir)}")
+        self._train(k, warm_start=start, out=out, cfg=cfg, name="final")
         t0 = time.time()
         errors, val, row, per = self._measure_model(out, "final")
         row.update(new_labels=0, seconds=round(time.time() - self.state.get("started_iteration", time.time()), 1))
-        self.state["final"] = {"after_iteration": k, "epochs": epochs, "row": row,
+        self.state["final"] = {"after_iteration": k, "epochs": epochs, "from": stopping.final_from,
+                               "lr": stopping.final_lr, "row": row,
                                "measured": {"harmonic": errors, "validation": val}}
         self._write_report()
         last = self.state["iterations"].get(str(k), {}).get("row") or self.state["initial"].get("row") or {}
@@ -527,6 +534,12 @@ class Manager:
         val = (committee.metadata or {}).get("errors", {}).get("validation", {})
         self.log(f"{name}: committee {committee.version} -> {out.relative_to(self.workdir)} "
                  f"[{time.time() - t0:.0f} s]; validation {_fmt_val(val)}")
+
+
+def _final_recipe(record) -> tuple:
+    """What a final training was (a state record) or is asked to be (``[stopping]``): a change trains anew."""
+    get = record.get if isinstance(record, dict) else lambda key, default=None: getattr(record, f"final_{key}", default)
+    return get("epochs"), get("from", "scratch") or "scratch", get("lr")
 
 
 def _fmt_val(val: dict) -> str:
