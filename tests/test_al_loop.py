@@ -34,7 +34,7 @@ def env() -> dict:
 
 def write_config(folder: Path, workdir: Path, *, max_iterations: int = 2, extra: str = "",
                  structure: Path | None = None, backend: str = "xtb", temperatures=TEMPERATURES,
-                 final_epochs: int = 0) -> Path:
+                 final_epochs: int = 0, final_from: str = "scratch") -> Path:
     structure = structure or shared_file("structures", "pyroxene_N01_GM.xyz")
     text = f"""
 workdir = "{workdir}"
@@ -58,6 +58,7 @@ mpi_ranks = 2
 patience = 5
 max_iterations = {max_iterations}
 final_epochs = {final_epochs}
+final_from = "{final_from}"
 
 [initial_data]
 n_random = 2
@@ -247,6 +248,17 @@ def test_a_final_training_from_scratch_becomes_the_result(uninterrupted, tmp_pat
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     assert (workdir / "models" / "final_after_iter_002_12_epochs" / "committee.json").is_file()
     assert load_committee(workdir / "models" / "final").metadata["train_config"]["epochs"] == 14
+    assert [r["iteration"] for r in read_report_csv(workdir / "report.csv")] == ["0", "1", "2", "final"]
+
+    # final_from = "last": a polish of iteration 2's committee, at final_lr, is a new recipe: trained anew
+    polish = write_config(tmp_path, workdir, max_iterations=2, final_epochs=14, final_from="last")
+    polish.write_text(polish.read_text().replace('final_from = "last"', 'final_from = "last"\nfinal_lr = 1e-4'))
+    proc = nanosil("al", "run", polish, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert "training the committee from iter_002" in proc.stdout and "at lr 0.0001" in proc.stdout
+    cfg = load_committee(workdir / "models" / "final").metadata["train_config"]
+    assert cfg["warm_start"] == str(workdir / "models" / "iter_002") and cfg["lr"] == pytest.approx(1e-4)
+    assert state_of(workdir)["final"]["from"] == "last"
     assert [r["iteration"] for r in read_report_csv(workdir / "report.csv")] == ["0", "1", "2", "final"]
 
 
@@ -468,6 +480,33 @@ def test_crashed_and_exploded_runs_are_recorded_and_the_iteration_goes_on(tmp_pa
     assert run["steps"] < 200  # stopped through EXIT, long before the 200-step maximum
     assert leftover_processes(tmp_path / "wd", state.token) == []
     assert state.data["children"] == []
+
+
+@pytest.mark.slow
+def test_sampling_drivers_on_other_hosts_send_frames_over_curve_zmq(tmp_path, small_config):
+    """What a pool on other nodes gets (collector_keys, as sampling_arguments gives for slurm/pbs): the
+    collector listens on every interface as a CurveZMQ server, the drivers connect with the workdir's
+    client key, and their frames arrive; the keys are the user's alone."""
+    from al_manager.learning.sampling import Sampler, SamplingSettings, plan_runs
+    from al_manager.learning.state import State
+    from driver.flagging import create_zmq_keys
+    from driver.models.committee import build_committee, save_committee
+
+    models = tmp_path / "models"
+    save_committee(build_committee(small_config, n_members=2, n_dipole=0, seed=1), models)
+    state = State.load(tmp_path / "wd", create=True)
+    keys = create_zmq_keys(tmp_path / "wd")
+    assert (keys.stat().st_mode & 0o777) == 0o700
+    settings = SamplingSettings(max_md_ps=0.1, timestep_fs=1.0, energy_threshold=1e-6, mpi_ranks=1)
+    lines = []
+    with _owner(state):
+        record = Sampler(state, 1, plan_runs({"P1": str(shared_file("structures", "pyroxene_N01_GM.xyz"))}, [500]),
+                         models, tmp_path / "wd" / "it1", settings, log=lines.append, collector_keys=keys,
+                         collector_host="127.0.0.1").run()
+    run = record["runs"]["P1_500K"]
+    assert run["status"] == "done" and run["frames"] == 1, (run, lines[-5:])
+    driver_log = (tmp_path / "wd" / "it1" / "runs" / "P1_500K" / "driver.log").read_text()
+    assert "CurveZMQ" in driver_log, driver_log[-2000:]
 
 
 def _parent(pid: int) -> int:

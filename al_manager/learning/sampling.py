@@ -262,7 +262,7 @@ def run_pair(run_dir: str, ipi_argv: list[str], driver_argv: list[str], env: dic
     A retried task (its worker or node died) starts the run again from its inputs: the outputs of the
     earlier try are removed first. A task whose folder no longer belongs to ``attempt`` (a resumed manager
     started the run again) ends at once. Returns ``{"ipi": rc, "driver": rc, "host": ..., "ended": why}``;
-    argv[0] of each command is a program name, found here on the worker (:func:`executable`)."""
+    the programs in the commands are names, found here on the worker (:func:`executable`)."""
     import json
     import socket as _socket
 
@@ -284,7 +284,7 @@ def run_pair(run_dir: str, ipi_argv: list[str], driver_argv: list[str], env: dic
     procs = {}
     with open(folder / "ipi.log", "w") as ipi_log, open(folder / "driver.log", "w") as drv_log:
         for role, argv, log in (("ipi", ipi_argv, ipi_log), ("driver", driver_argv, drv_log)):
-            procs[role] = subprocess.Popen([executable(argv[0]), *argv[1:]], cwd=folder, stdout=log,
+            procs[role] = subprocess.Popen(_programs(argv), cwd=folder, stdout=log,
                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env,
                                            start_new_session=True, preexec_fn=die_with_parent)
         ended, first_end, exit_seen = "", None, None
@@ -313,6 +313,15 @@ def run_pair(run_dir: str, ipi_argv: list[str], driver_argv: list[str], env: dic
             time.sleep(0.2)
     return {"ipi": procs["ipi"].returncode, "driver": procs["driver"].returncode,
             "host": _socket.gethostname(), "ended": ended}
+
+
+_PROGRAMS = ("i-pi", "mpirun", "nanosil-driver")
+
+
+def _programs(argv: list[str]) -> list[str]:
+    """``argv`` with the programs of a pair (i-PI, mpirun and the driver it starts) as full paths on this
+    machine (:func:`executable`)."""
+    return [executable(a) if a in _PROGRAMS else a for a in argv]
 
 
 class _TaskProcess:
@@ -420,7 +429,7 @@ class Sampler:
         rec["timestep_fs"] = s.timestep_fs
         run_id = f"{spec.name}.it{self.iteration:03d}.a{rec['attempt']}"
         ipi_argv = ["i-pi", f"{PREFIX}.xml"]
-        # argv[0]s are program names: found next to this Python here, on the worker's PATH in a task
+        # programs by name: found next to this Python here, or on the worker's side in a task (_programs)
         driver_argv = ["mpirun", "-n", str(s.mpi_ranks), "nanosil-driver",
                        "--models", str(self.models_dir), "--structure", f"{PREFIX}.init.xyz",
                        "--unix", socket_name, "--flag-endpoint", self.endpoint, "--run-id", run_id,
@@ -448,7 +457,7 @@ class Sampler:
             drv_log = open(run_dir / "driver.log", "w")
             procs = []
             for argv, log in ((ipi_argv, ipi_log), (driver_argv, drv_log)):
-                procs.append(subprocess.Popen([executable(argv[0]), *argv[1:]], cwd=run_dir, stdout=log,
+                procs.append(subprocess.Popen(_programs(argv), cwd=run_dir, stdout=log,
                                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                               start_new_session=True, preexec_fn=die_with_parent))
                 self.state.add_child(procs[-1].pid, argv[0], spec.name)
