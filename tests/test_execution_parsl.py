@@ -406,3 +406,34 @@ def test_labelling_through_a_real_single_node_slurm(slurm, tmp_path):
     assert n == 4 and set(a) == set(b) and local.n_labelled == 4
     for h in a:
         assert abs(a[h].energy - b[h].energy) < 1e-8
+
+
+def test_a_sampling_run_through_a_real_single_node_slurm_sends_frames_over_curve_zmq(slurm, tmp_path, small_config):
+    """A sampling pool on SLURM is treated as other hosts: the work directory's CurveZMQ keys are made, the
+    collector listens on every interface, the pair runs in an sbatch job and its driver's frame arrives
+    through the keyed socket."""
+    from al_manager.execution import SamplingResources, sampling_arguments
+    from al_manager.learning.sampling import Sampler, SamplingSettings, plan_runs
+    from al_manager.learning.state import State
+    from driver.models.committee import build_committee, save_committee
+
+    settings = ExecutionSettings(mode="parsl", provider="slurm", partition="debug", walltime="00:10:00",
+                                 worker_init=f'export PATH="{BIN}:$PATH"', retries=1, address="127.0.0.1",
+                                 heartbeat_period=2, heartbeat_threshold=20, sampling=SamplingResources(pairs_per_node=1))
+    models = tmp_path / "models"
+    save_committee(build_committee(small_config, n_members=2, n_dipole=0, seed=1), models)
+    workdir = tmp_path / "wd"
+    state = State.load(workdir, create=True)
+    specs = plan_runs({"P1": str(cluster("pyroxene_N01_GM.xyz"))}, [500])
+    sampling = SamplingSettings(max_md_ps=0.1, timestep_fs=1.0, energy_threshold=1e-6, mpi_ranks=1)
+    lines = []
+    with session(settings, tmp_path / "runinfo", stages=("sampling",)):
+        placement = sampling_arguments(settings, workdir)
+        assert placement["collector_host"] == "127.0.0.1" and placement["collector_keys"] == workdir / "zmq_keys"
+        record = Sampler(state, 1, specs, models, workdir / "it1", sampling, log=lines.append, **placement).run()
+    run = record["runs"]["P1_500K"]
+    assert run["status"] == "done" and run["frames"] == 1, (run, lines[-5:])
+    assert "(CurveZMQ)" in (workdir / "it1" / "runs" / "P1_500K" / "driver.log").read_text()
+    scripts = [p for p in (tmp_path / "runinfo").rglob("submit_scripts/parsl.sampling.block-*")
+               if p.suffix not in (".stdout", ".stderr")]
+    assert scripts and "#SBATCH --partition=debug" in scripts[0].read_text()   # it went through sbatch
