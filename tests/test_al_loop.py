@@ -432,6 +432,49 @@ def test_an_iteration_on_parsl_survives_a_killed_manager(initialised, uninterrup
 
 
 @pytest.mark.slow
+def test_an_iteration_through_a_real_single_node_slurm(slurm, initialised, uninterrupted, tmp_path):
+    """The same iteration with provider = "slurm" (conftest.slurm: a private slurmctld + slurmd): labels,
+    sampling runs (their frames over CurveZMQ) and members are tasks on worker pools that sbatch
+    started; the iteration ends with the uninterrupted run's labels."""
+    pytest.importorskip("parsl")
+    from al_manager.learning.report import read_report_csv
+
+    workdir = copy_workdir(initialised, tmp_path / "wd")
+    extra = f"""
+[execution]
+mode = "parsl"
+provider = "slurm"
+partition = "debug"
+walltime = "00:20:00"
+worker_init = 'export PATH="{BIN}:$PATH"'
+cores_per_node = 1          # not exclusive: the stages' jobs share the one node
+max_idletime = 5
+retries = 1
+address = "127.0.0.1"
+heartbeat_period = 2
+heartbeat_threshold = 20
+
+[execution.training]
+members_per_node = 2
+"""
+    config = write_config(tmp_path, workdir, max_iterations=1, extra=extra)
+    proc = nanosil("al", "run", config, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    for stage in ("sampling", "training"):
+        assert f"as tasks of ParslExecutor {stage}" in proc.stdout
+    expected = int(read_report_csv(uninterrupted[0] / "report.csv")[1]["labels"])
+    rows = db_rows(workdir)
+    assert len(rows) == expected and len({r.hash for r in rows}) == len(rows)
+    assert (workdir / "zmq_keys" / "server.key_secret").is_file()
+    for t in TEMPERATURES:
+        assert "(CurveZMQ)" in (workdir / "iterations" / "iter_001" / "runs" / f"P1_{t}K" / "driver.log").read_text()
+    scripts = {p.name.split(".block")[0] for p in (workdir / "parsl").rglob("submit_scripts/parsl.*.block-*")
+               if p.suffix not in (".stdout", ".stderr")}
+    assert scripts == {"parsl.labelling", "parsl.sampling", "parsl.training"}   # every stage went through sbatch
+    assert [int(r["iteration"]) for r in read_report_csv(workdir / "report.csv")] == [0, 1]
+
+
+@pytest.mark.slow
 def test_crashed_and_exploded_runs_are_recorded_and_the_iteration_goes_on(tmp_path, small_config):
     """A driver that cannot start (an element the committee does not know) and a structure whose
     committee disagreement reaches the trust cap: both recorded, the healthy run still delivers."""

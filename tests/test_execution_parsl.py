@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ from al_manager.execution import (ExecutionSettings, LabellingResources, Trainin
 from al_manager.processes import OWNER_ENV, _proc_state, tagged_processes  # noqa: E402
 from al_manager.reference.labelling import label_structures  # noqa: E402
 
-from conftest import CHILD_ENV, REPO, cluster, stop  # noqa: E402
+from conftest import CHILD_ENV, REPO, cluster  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -301,93 +300,7 @@ def test_a_committee_trains_one_member_per_task_on_the_parsl_training_pool(tmp_p
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
-# ---------------------------------------------------------------------- a real SLURM, when installed
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def slurm(tmp_path, monkeypatch):
-    """A private single-node SLURM (munged, slurmctld, slurmd in the foreground, own ports, own state folder),
-    stopped at the end; skipped where Debian's slurm-wlm / munge are not installed or we are not root."""
-    tools = [shutil.which(t) for t in ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo")]
-    if not all(tools) or os.geteuid() != 0:
-        pytest.skip("a real SLURM needs root and Debian's slurm-wlm + munge (apt-get install slurm-wlm munge)")
-    root = tmp_path / "slurm"
-    for sub in ("state", "spool", "log", "munge"):
-        (root / sub).mkdir(parents=True)
-    os.chmod(root / "munge", 0o700)
-    key = root / "munge" / "munge.key"
-    key.write_bytes(os.urandom(1024))
-    os.chmod(key, 0o400)
-    host = socket.gethostname().split(".")[0]
-    conf = root / "slurm.conf"
-    conf.write_text(f"""ClusterName=nanosiltest
-SlurmctldHost={host}
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=socket={root}/munge/sock
-CredType=cred/munge
-StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
-SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
-SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-MpiDefault=none
-ReturnToService=2
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-NodeName={host} CPUs={os.cpu_count()} RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
-""")
-    monkeypatch.setenv("SLURM_CONF", str(conf))
-    env = dict(os.environ)
-    logs = [open(root / "log" / f"{n}.out", "w") for n in ("munged", "slurmctld", "slurmd")]
-    procs = [subprocess.Popen(["munged", "-F", "-f", f"--socket={root}/munge/sock", f"--key-file={key}",
-                               f"--pid-file={root}/munge/pid", f"--log-file={root}/log/munged.log",
-                               f"--seed-file={root}/munge/seed"], stdout=logs[0], stderr=subprocess.STDOUT,
-                              env=env, start_new_session=True)]
-    try:
-        deadline = time.monotonic() + 20
-        while not (root / "munge" / "sock").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        procs.append(subprocess.Popen(["slurmctld", "-D", "-i"], stdout=logs[1], stderr=subprocess.STDOUT, env=env,
-                                      start_new_session=True))
-        procs.append(subprocess.Popen(["slurmd", "-D"], stdout=logs[2], stderr=subprocess.STDOUT, env=env,
-                                      start_new_session=True))
-        deadline, state = time.monotonic() + 60, ""
-        while time.monotonic() < deadline:
-            state = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, env=env).stdout.strip()
-            if state == "idle":
-                break
-            if any(p.poll() is not None for p in procs):
-                break
-            time.sleep(0.5)
-        if state != "idle":
-            tail = "\n".join((root / "log" / f).read_text()[-1500:] for f in ("slurmctld.log", "slurmd.log")
-                             if (root / "log" / f).exists())
-            pytest.fail(f"the private SLURM did not come up (sinfo: {state!r}):\n{tail}")
-        yield root
-    finally:
-        subprocess.run(["scancel", "--full", "-u", "root"], env=env, capture_output=True, timeout=30)
-        time.sleep(0.5)
-        for p in reversed(procs):
-            stop(p)
-        for f in logs:
-            f.close()
-
-
+# ---------------------------------------------------------------------- a real SLURM (conftest.slurm)
 def test_labelling_through_a_real_single_node_slurm(slurm, tmp_path):
     settings = ExecutionSettings(mode="parsl", provider="slurm", partition="debug", walltime="00:10:00",
                                  worker_init=f'export PATH="{BIN}:$PATH"', max_workers_per_node=2, retries=1,
