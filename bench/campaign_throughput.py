@@ -2,10 +2,12 @@
 """Throughput of production MD: batched driver serving many i-PI servers vs one trajectory after another.
 
     .venv/bin/python bench/campaign_throughput.py [--steps 300] [--models DIR] [--json FILE]
-        [--dipole-stride-fs X] [--committee-every-fs X|none] [--slice-ps 2.0] [--skip-mixed] [--skip-slice]
+        [--timestep-fs X] [--dipole-stride-fs X] [--committee-every-fs X|none] [--slice-ps 2.0] [--skip-mixed]
+        [--skip-slice]
 
 Settings: the production defaults of a campaign (``al_manager.campaign.config.MDSettings()``), read at run
-time so the bench follows them; ``--dipole-stride-fs`` and ``--committee-every-fs`` override them.
+time so the bench follows them; ``--timestep-fs``, ``--dipole-stride-fs`` and ``--committee-every-fs``
+override them.
 
 - dipole stride (``md.dipole_stride_fs``, K_d MD steps): i-PI writes the dipole trajectory every K_d steps
   (``render_input(dipole_stride=K_d)``) and the drivers compute the dipole model only on those steps
@@ -37,10 +39,10 @@ Sets: 8 trajectories of P2 (400 K, seeds 1..8) and a mixed set P1-P5, O1-O5 (one
 Rates are steady-state MD steps per second summed over trajectories (the start-up of i-PI and torch,
 a few seconds that a 40 ps run amortises, is left out; wall times with start-up are printed too), measured
 from the dipole files i-PI writes (one frame every K_d steps: frames x K_d = steps). Simulated ps per hour =
-steps/s x 0.5 fs x 3600.
+steps/s x time step x 3600.
 
-The estimates: the paper's production (20 clusters P1-P10, O1-O10 x 3 temperatures x 40 ps at 0.5 fs, with
-the settings in use) = sum over clusters of steps x model seconds per step (batches of 8 copies, 1 core) /
+The estimates: the paper's production (20 clusters P1-P10, O1-O10 x 3 temperatures x 40 ps, with the time
+step and the other settings in use) = sum over clusters of steps x model seconds per step (batches of 8 copies, 1 core) /
 (efficiency x drivers), efficiency = the fraction of its ceiling the best batched set-up reached on the mixed
 set (P2x8 when mixed was skipped), drivers = that set-up's; the 25-run ensembles of the paper's Fig. 6 (P2 at
 400 K) from the P2x8 rate (``fig6_25_runs_hours_estimate``), plus 25 runs of every cluster and temperature.
@@ -58,7 +60,7 @@ JSON keys (``--json``): ps_per_hour_batched_P2x8, ps_per_hour_one_by_one_P2x8, s
 best_configuration_P2x8, fraction_of_ceiling_P2x8, speedup_idle_bound_P2x8; with the mixed set speedup_mixed,
 ps_per_hour_batched_mixed, ps_per_hour_one_by_one_mixed, best_configuration_mixed, fraction_of_ceiling_mixed,
 speedup_idle_bound_mixed; paper_production_hours_estimate (the settings in use), fig6_25_runs_hours_estimate,
-all_clusters_25_runs_hours_estimate; dipole_stride_fs, committee_every_fs (null: the committee mean every
+all_clusters_25_runs_hours_estimate; timestep_fs, dipole_stride_fs, committee_every_fs (null: the committee mean every
 step), dipole_every_steps, committee_every_steps; model_cost_ratio_vs_every_step (model seconds per step with
 the settings / with the committee mean and the dipole every step, batches of 8, summed over the 20 clusters);
 with the slice estimate_over_measured_slice, slice_measured_hours, slice_estimate_hours and details under
@@ -88,7 +90,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common, also 
 from _common import short_campaign  # noqa: E402
 STRUCTURES = ROOT / ".." / "shared" / "data" / "structures"
 BIN = Path(sys.executable).parent
-TIMESTEP_FS = 0.5
 PAPER_PS = 40.0
 PAPER_TEMPERATURES = 3
 PAPER_CLUSTERS = [f"P{i}" for i in range(1, 11)] + [f"O{i}" for i in range(1, 11)]
@@ -111,12 +112,13 @@ def env(threads: int = 1) -> dict:
     return e
 
 
-def prepare(workdir: Path, name: str, seed: int, steps: int, socket: str, dipole_stride: int) -> Path:
+def prepare(workdir: Path, name: str, seed: int, steps: int, socket: str, dipole_stride: int,
+            timestep_fs: float) -> Path:
     from ipi_inputs import render_input
 
     folder = workdir / f"{name}_s{seed}_{socket}"
     xml = render_input("production_nvt", folder, socket=f"unix:{socket}", structure=structure(name),
-                       temperature=400.0, seed=seed, steps=steps, prefix="md", timestep_fs=TIMESTEP_FS,
+                       temperature=400.0, seed=seed, steps=steps, prefix="md", timestep_fs=timestep_fs,
                        checkpoint_steps=10**6, dipole_flush=1, dipole_stride=dipole_stride)
     return xml
 
@@ -146,10 +148,11 @@ class Run:
     """Some i-PI servers and their drivers; records (time, frames per trajectory) while they run. i-PI writes
     a dipole frame every ``stride`` steps (steps 0, K, 2K, ...): a finished run has steps // K + 1 frames."""
 
-    def __init__(self, workdir: Path, items: list[tuple[str, int]], steps: int, tag: str, stride: int = 1):
+    def __init__(self, workdir: Path, items: list[tuple[str, int]], steps: int, tag: str, stride: int = 1,
+                 timestep_fs: float = 0.5):
         self.workdir, self.steps, self.stride, self.procs = workdir, steps, stride, []
         self.sockets = [f"ncb{os.getpid()}{tag}{k}" for k in range(len(items))]
-        self.xmls = [prepare(workdir, name, seed, steps, sock, stride)
+        self.xmls = [prepare(workdir, name, seed, steps, sock, stride, timestep_fs)
                      for (name, seed), sock in zip(items, self.sockets)]
 
     @property
@@ -218,7 +221,7 @@ def one_by_one(workdir: Path, items, steps: int, models: Path, md) -> dict:
     (nanosil-driver has no committee-every), the dipole every ``md.dipole_stride`` steps."""
     total_steps = total_seconds = total_cpu = wall = 0.0
     for k, item in enumerate(items):
-        run = Run(workdir, [item], steps, f"o{k}x", md.dipole_stride)
+        run = Run(workdir, [item], steps, f"o{k}x", md.dipole_stride, md.timestep_fs)
         try:
             t_start = time.monotonic()
             xml = run.xmls[0]
@@ -243,7 +246,7 @@ def one_by_one(workdir: Path, items, steps: int, models: Path, md) -> dict:
 def batched(workdir: Path, items, steps: int, models: Path, drivers: int, threads: int, tag: str, md) -> dict:
     """Every trajectory at once: one i-PI each, ``drivers`` batch servers of ``threads`` torch threads, with
     the dipole stride and propagation of ``md``."""
-    run = Run(workdir, items, steps, tag, md.dipole_stride)
+    run = Run(workdir, items, steps, tag, md.dipole_stride, md.timestep_fs)
     try:
         t_start = time.monotonic()
         for xml in run.xmls:
@@ -381,8 +384,8 @@ def per_size_cost(committee, batch: int = 8, repeats: int = 2) -> dict:
     return out
 
 
-def ps_per_hour(steps_per_s: float) -> float:
-    return steps_per_s * TIMESTEP_FS / 1000.0 * 3600.0
+def ps_per_hour(steps_per_s: float, timestep_fs: float) -> float:
+    return steps_per_s * timestep_fs / 1000.0 * 3600.0
 
 
 # ---------------------------------------------------------------------- the campaign slice
@@ -390,7 +393,7 @@ def slice_dict(models: Path, output: Path, ps: float, md) -> dict:
     """A campaign of P1-P5, O1-O5 at 400 K, 1 seed, ``ps`` of NVT production, the settings of ``md``."""
     return short_campaign(
         models, output, {name: structure(name) for name in SLICE_CLUSTERS}, SLICE_TEMPERATURE, 1, ps,
-        {"equilibration_ps": 0.0, "timestep_fs": TIMESTEP_FS, "dipole_stride_fs": md.dipole_stride_fs,
+        {"equilibration_ps": 0.0, "timestep_fs": md.timestep_fs, "dipole_stride_fs": md.dipole_stride_fs,
          "committee_every_fs": "none" if md.committee_every_fs is None else md.committee_every_fs},
         {"workers": SLICE_WORKERS, "drivers": "auto", "threads": 1},
         trust={"trust_cap": "none", "fragment_distance": "none"})
@@ -441,6 +444,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-slice", action="store_true", help="no campaign slice (no estimate_over_measured_slice)")
     parser.add_argument("--slice-ps", type=float, default=2.0,
                         help="production ps per trajectory of the campaign slice (default 2.0)")
+    parser.add_argument("--timestep-fs", type=float, default=defaults.timestep_fs, metavar="X",
+                        help=f"MD time step (default: the campaign default, {defaults.timestep_fs:g})")
     parser.add_argument("--dipole-stride-fs", type=float, default=defaults.dipole_stride_fs, metavar="X",
                         help=f"dipole computed and written every X fs (default: the campaign default, "
                              f"{defaults.dipole_stride_fs:g})")
@@ -452,7 +457,7 @@ def main(argv=None) -> int:
     if args.steps < 50:
         parser.error("--steps must be at least 50")
     try:
-        md = MDSettings(timestep_fs=TIMESTEP_FS, dipole_stride_fs=args.dipole_stride_fs,
+        md = MDSettings(timestep_fs=args.timestep_fs, dipole_stride_fs=args.dipole_stride_fs,
                         committee_every_fs=args.committee_every_fs)
     except ValueError as exc:
         parser.error(str(exc))
@@ -531,14 +536,14 @@ def main(argv=None) -> int:
             best = max((k for k in res if k.startswith("batched")), key=lambda k: res[k]["steps_per_s"])
             for name, r in res.items():
                 r["fraction_of_ceiling"] = r["steps_per_s"] / ceil[name]
-                rows.append((label, name, r["steps_per_s"], ps_per_hour(r["steps_per_s"]), r["steps_per_s"] / base,
+                rows.append((label, name, r["steps_per_s"], ps_per_hour(r["steps_per_s"], md.timestep_fs), r["steps_per_s"] / base,
                              r["fraction_of_ceiling"], r["cpu_ms_per_step"], r["wall_s"]))
             # CPU-bound view (independent of other users' load): one-by-one is serial (i-PI and its driver take
             # turns), so on an idle machine it runs at 1000/cpu steps/s; the batched set-up can use every core.
             cpu_one, cpu_best = res["one_by_one"]["cpu_ms_per_step"], res[best]["cpu_ms_per_step"]
             figures[label] = {"best": best, "speedup": res[best]["steps_per_s"] / base,
-                              "ps_per_hour_best": ps_per_hour(res[best]["steps_per_s"]),
-                              "ps_per_hour_one_by_one": ps_per_hour(base),
+                              "ps_per_hour_best": ps_per_hour(res[best]["steps_per_s"], md.timestep_fs),
+                              "ps_per_hour_one_by_one": ps_per_hour(base, md.timestep_fs),
                               "efficiency": res[best]["fraction_of_ceiling"],
                               "speedup_idle_bound": cores * cpu_one / cpu_best}
         # the efficiency and drivers of the estimates: the best set-up of the mixed set (P2x8 when skipped)
@@ -583,7 +588,7 @@ def main(argv=None) -> int:
     for label, c in ceilings.items():
         for key, what in (("drivers_1", "1 core"), ("drivers_2", "2 halves, 2 cores")):
             v = c[f"{key}_structures_per_s"]
-            print(f"{label:6s} {'ceiling ' + key[-1]:13s} {v:9.2f} {ps_per_hour(v):9.3f}  (model alone, {what})")
+            print(f"{label:6s} {'ceiling ' + key[-1]:13s} {v:9.2f} {ps_per_hour(v, md.timestep_fs):9.3f}  (model alone, {what})")
     print("(ceiling: the model's own batched speed for the same structures, driver split and settings; 'of "
           "ceiling' compares each configuration with its own: one-by-one with one-at-a-time predictions of the "
           "committee mean)")
@@ -600,6 +605,7 @@ def main(argv=None) -> int:
         "best_configuration_P2x8": p2["best"],
         "fraction_of_ceiling_P2x8": round(p2["efficiency"], 3),
         "speedup_idle_bound_P2x8": round(p2["speedup_idle_bound"], 3),
+        "timestep_fs": md.timestep_fs,
         "dipole_stride_fs": md.dipole_stride_fs,
         "committee_every_fs": md.committee_every_fs,
         "dipole_every_steps": kd,
@@ -608,7 +614,7 @@ def main(argv=None) -> int:
     # Paper production: 20 clusters x 3 T x 40 ps. Steps/s for size N = (drivers of the best set-up) /
     # (model seconds per MD step with the settings, batches of 8, 1 core) x (the fraction of its ceiling the
     # best set-up reached on the mixed set; P2x8 when mixed was skipped).
-    steps_per_run = int(round(PAPER_PS * 1000.0 / TIMESTEP_FS))
+    steps_per_run = int(round(PAPER_PS * 1000.0 / md.timestep_fs))
     hours = PAPER_TEMPERATURES * estimate_seconds(PAPER_CLUSTERS, steps_per_run, per_step, eff, n_drivers) / 3600.0
     out["paper_production_hours_estimate"] = round(hours, 2)
     out["fig6_25_runs_hours_estimate"] = round(25 * PAPER_PS / p2["ps_per_hour_best"], 2)

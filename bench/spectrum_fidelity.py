@@ -2,13 +2,14 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/spectrum_fidelity.py [--models DIR] [--ps 10] [--seeds 3] [--json FILE]
 
-Three real campaigns (``nanosil campaign``'s runner: i-PI + batched driver, SVR thermostat) of the same
+Three (four) real campaigns (``nanosil campaign``'s runner: i-PI + batched driver, SVR thermostat) of the same
 cluster, temperature and seeds, each alone on the machine:
 
 - ``reference``: the committee mean propagates, the dipole is computed and written every 0.5 fs step;
 - ``stride``: the same propagation, the dipole every ``md.dipole_stride_fs`` (the default 2 fs);
 - ``member``: the default stride, and energy member 0 propagates with the whole committee checked every
   ``--committee-every-fs`` (``md.committee_every_fs``);
+- ``timestep`` (with ``--timestep-fs X``): the committee mean and the default stride, with an X fs time step;
 
 ``default`` is whichever of them the campaign defaults (``MDSettings()``) select. Trajectories of different
 settings part ways after a few hundred fs (MD is chaotic), so the comparison is statistical: the mean
@@ -51,15 +52,24 @@ def default_models() -> Path | None:
     return None
 
 
-def variants(committee_every_fs: float) -> tuple[dict[str, dict], str]:
-    """The [md] settings of each variant, and the name of the one the campaign defaults select."""
+REFERENCE_TIMESTEP_FS = 0.5   # the paper's time step: the reference propagates with it
+
+
+def variants(committee_every_fs: float, timestep_fs: float | None = None) -> tuple[dict[str, dict], str]:
+    """The [md] settings of each variant, and the name of the one the campaign defaults select.
+    ``timestep_fs``: also a variant with that time step (the default stride, the committee mean)."""
     from al_manager.campaign.config import MDSettings
 
     md = MDSettings()
-    out = {"reference": {"dipole_stride_fs": md.timestep_fs, "committee_every_fs": "none"},
-           "stride": {"dipole_stride_fs": md.dipole_stride_fs, "committee_every_fs": "none"},
-           "member": {"dipole_stride_fs": md.dipole_stride_fs, "committee_every_fs": committee_every_fs}}
-    default = {"dipole_stride_fs": md.dipole_stride_fs,
+    dt = REFERENCE_TIMESTEP_FS
+    out = {"reference": {"timestep_fs": dt, "dipole_stride_fs": dt, "committee_every_fs": "none"},
+           "stride": {"timestep_fs": dt, "dipole_stride_fs": md.dipole_stride_fs, "committee_every_fs": "none"},
+           "member": {"timestep_fs": dt, "dipole_stride_fs": md.dipole_stride_fs,
+                      "committee_every_fs": committee_every_fs}}
+    if timestep_fs is not None:
+        out["timestep"] = {"timestep_fs": timestep_fs, "dipole_stride_fs": md.dipole_stride_fs,
+                           "committee_every_fs": "none"}
+    default = {"timestep_fs": md.timestep_fs, "dipole_stride_fs": md.dipole_stride_fs,
                "committee_every_fs": "none" if md.committee_every_fs is None else md.committee_every_fs}
     name = next((k for k, v in out.items() if v == default), "default")
     out.setdefault(name, default)
@@ -97,6 +107,9 @@ def main(argv=None) -> int:
     p.add_argument("--ps", type=float, default=10.0, help="production ps per run (default 10)")
     p.add_argument("--equilibration-ps", type=float, default=2.0, help="NVT equilibration before it (default 2)")
     p.add_argument("--committee-every-fs", type=float, default=2.0, help="the member variant's check interval")
+    p.add_argument("--timestep-fs", type=float, default=None, metavar="X",
+                   help="also a variant that propagates with an X fs time step (the default dipole stride, a "
+                        "multiple of X; the committee mean)")
     p.add_argument("--peaks", type=int, default=4, help="main peaks compared (default 4)")
     p.add_argument("--workdir", type=Path, default=REPO / "bench" / "results" / "spectrum_fidelity")
     p.add_argument("--json", metavar="FILE")
@@ -117,7 +130,7 @@ def main(argv=None) -> int:
 
     work = args.workdir.resolve()
     results = {}
-    plan, default = variants(args.committee_every_fs)
+    plan, default = variants(args.committee_every_fs, args.timestep_fs)
     for name, md in plan.items():
         out = work / name
         cfg = config_from_dict(short_campaign(
@@ -125,7 +138,7 @@ def main(argv=None) -> int:
             args.seeds, args.ps, {"equilibration_ps": args.equilibration_ps, "checkpoint_ps": 0.5, **md},
             {"workers": args.seeds, "drivers": 1, "threads": 1}), work)
         t0 = time.time()
-        print(f"[{name}] dipole every {md['dipole_stride_fs']:g} fs, committee every "
+        print(f"[{name}] time step {md['timestep_fs']:g} fs, dipole every {md['dipole_stride_fs']:g} fs, committee every "
               f"{md['committee_every_fs']} fs; {args.seeds} x {args.ps:g} ps of {args.cluster} at "
               f"{args.temperature:g} K -> {out}", flush=True)
         summary = run_campaign(cfg, log=lambda m: None)
@@ -161,7 +174,7 @@ def main(argv=None) -> int:
            "variants": {}}
     print(f"\n{args.cluster} at {args.temperature:g} K, {args.seeds} seeds x {args.ps:g} ps; reference peaks "
           + ", ".join(f"{x:.1f}" for x in out["reference_peaks_cm-1"]) + " cm^-1")
-    print(f"{'variant':10s} {'dipole fs':>9s} {'committee':>10s} {'max shift':>10s} {'mean shift':>10s} "
+    print(f"{'variant':10s} {'step fs':>7s} {'dipole fs':>9s} {'committee':>10s} {'max shift':>10s} {'mean shift':>10s} "
           f"{'area ratio':>10s} {'ps/hour':>9s} {'speed vs ref':>12s}")
     ref_speed = ref["throughput"].get("ps_per_hour")
     for name, r in results.items():
@@ -173,7 +186,7 @@ def main(argv=None) -> int:
                                  "peak_shift_cm-1_mean": float(np.mean(shifts)), "band_area_ratio": ratio,
                                  "peaks_cm-1": refined_peaks(r["mean"], args.peaks, lo, hi).tolist(),
                                  "ps_per_hour": speed, "speed_vs_reference": rel}
-        print(f"{name:10s} {r['md']['dipole_stride_fs']:9g} {str(r['md']['committee_every_fs']):>10s} "
+        print(f"{name:10s} {r['md']['timestep_fs']:7g} {r['md']['dipole_stride_fs']:9g} {str(r['md']['committee_every_fs']):>10s} "
               f"{np.max(shifts):10.2f} {np.mean(shifts):10.2f} {ratio:10.4f} {speed or float('nan'):9.2f} "
               f"{rel or float('nan'):11.2f}x")
     if noise_area:
