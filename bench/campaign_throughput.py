@@ -60,7 +60,9 @@ JSON keys (``--json``): ps_per_hour_batched_P2x8, ps_per_hour_one_by_one_P2x8, s
 best_configuration_P2x8, fraction_of_ceiling_P2x8, speedup_idle_bound_P2x8; with the mixed set speedup_mixed,
 ps_per_hour_batched_mixed, ps_per_hour_one_by_one_mixed, best_configuration_mixed, fraction_of_ceiling_mixed,
 speedup_idle_bound_mixed; paper_production_hours_estimate (the settings in use), fig6_25_runs_hours_estimate,
-all_clusters_25_runs_hours_estimate; timestep_fs, dipole_stride_fs, committee_every_fs (null: the committee mean every
+all_clusters_25_runs_hours_estimate; paper_production_hours_cpu_floor (every core busy: the model's cost per
+step plus outside_model_cpu_ms_per_step, the measured CPU of i-PI, sockets and the driver loop per step, over
+the cores) and estimate_over_cpu_floor; timestep_fs, dipole_stride_fs, committee_every_fs (null: the committee mean every
 step), dipole_every_steps, committee_every_steps; model_cost_ratio_vs_every_step (model seconds per step with
 the settings / with the committee mean and the dipole every step, batches of 8, summed over the 20 clusters);
 with the slice estimate_over_measured_slice, slice_measured_hours, slice_estimate_hours and details under
@@ -545,7 +547,11 @@ def main(argv=None) -> int:
                               "ps_per_hour_best": ps_per_hour(res[best]["steps_per_s"], md.timestep_fs),
                               "ps_per_hour_one_by_one": ps_per_hour(base, md.timestep_fs),
                               "efficiency": res[best]["fraction_of_ceiling"],
-                              "speedup_idle_bound": cores * cpu_one / cpu_best}
+                              "speedup_idle_bound": cores * cpu_one / cpu_best,
+                              # CPU per step outside the model (i-PI's Python, sockets, the driver's loop):
+                              # the best set-up's measured CPU per step minus the model's own per-step cost
+                              "outside_model_cpu_s_per_step": max(0.0, cpu_best / 1e3 - float(np.mean(
+                                  [per_step[n] for n, _ in sets[label]])))}
         # the efficiency and drivers of the estimates: the best set-up of the mixed set (P2x8 when skipped)
         ref_label = "mixed" if "mixed" in figures else "P2x8"
         ref = figures[ref_label]
@@ -621,6 +627,14 @@ def main(argv=None) -> int:
     out["all_clusters_25_runs_hours_estimate"] = round(25 * hours, 1)
     every_step = sum(step_seconds(p, 1, 1) for p in parts.values())
     out["model_cost_ratio_vs_every_step"] = round(sum(per_step.values()) / every_step, 4)
+    # The physical floor on this machine: every core busy, no idle time, no start-up: per MD step the model's
+    # cost (batches of 8) plus the CPU that i-PI, the sockets and the driver loop take outside the model
+    # (measured on the reference set), summed over the production and shared by the cores
+    outside = ref["outside_model_cpu_s_per_step"]
+    floor_s = PAPER_TEMPERATURES * steps_per_run * sum(per_step[n] + outside for n in PAPER_CLUSTERS) / cores
+    out["paper_production_hours_cpu_floor"] = round(floor_s / 3600.0, 2)
+    out["outside_model_cpu_ms_per_step"] = round(1e3 * outside, 3)
+    out["estimate_over_cpu_floor"] = round(hours * 3600.0 / floor_s, 3)
     if "mixed" in figures:
         m = figures["mixed"]
         out.update(speedup_mixed=round(m["speedup"], 3), ps_per_hour_batched_mixed=round(m["ps_per_hour_best"], 4),
@@ -646,6 +660,9 @@ def main(argv=None) -> int:
           f"model's batched speed; model cost {out['model_cost_ratio_vs_every_step']:.2f}x that of the committee "
           f"mean and the dipole every step); Fig. 6 (25 runs of P2 at 400 K): {out['fig6_25_runs_hours_estimate']:.1f} "
           f"h; 25 runs of every cluster and temperature: {out['all_clusters_25_runs_hours_estimate']:.0f} h")
+    print(f"its CPU floor on {cores} cores (every core busy, model + {out['outside_model_cpu_ms_per_step']:.2f} ms of "
+          f"i-PI/socket/driver CPU per MD step, no idle time): {out['paper_production_hours_cpu_floor']:.2f} h; "
+          f"the estimate is {out['estimate_over_cpu_floor']:.2f}x the floor")
     if slice_out is not None:
         s = slice_out
         print(f"campaign slice ({len(s['clusters'])} clusters x {s['production_ps']:g} ps, {s['drivers']} driver(s), "
