@@ -475,6 +475,27 @@ members_per_node = 2
 
 
 @pytest.mark.slow
+def test_an_iteration_whose_every_run_crashes_stops_with_the_reason(initialised, tmp_path):
+    """mpirun cannot start a single driver (a host file that does not exist): the loop stops with one line
+    naming a run and the reason, exit 1, instead of counting an empty iteration; the rerun, with the cause
+    gone, samples every run again."""
+    workdir = copy_workdir(initialised, tmp_path / "wd")
+    config = write_config(tmp_path, workdir, max_iterations=1)
+    broken = dict(env(), HYDRA_HOST_FILE=str(tmp_path / "no_such_hostfile"))
+    proc = subprocess.run([str(BIN / "nanosil"), "al", "run", str(config)], cwd=tmp_path, env=broken,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("nanosil al: error: iteration 1: every sampling run crashed, e.g. P1_"), proc.stderr[-2000:]
+    assert "driver exit" in line and "Traceback" not in proc.stderr
+    state = state_of(workdir)
+    assert state["phase"] == "sampling" and state["iterations"]["1"]["runs"] == {}
+    again = nanosil("al", "run", config, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert all(r["status"] == "done" for r in state_of(workdir)["iterations"]["1"]["runs"].values())
+
+
+@pytest.mark.slow
 def test_crashed_and_exploded_runs_are_recorded_and_the_iteration_goes_on(tmp_path, small_config):
     """A driver that cannot start (an element the committee does not know) and a structure whose
     committee disagreement reaches the trust cap: both recorded, the healthy run still delivers."""

@@ -38,6 +38,7 @@ def start(config_path: Path, init_only: bool) -> int:
     from al_manager.cli import UsageError
     from al_manager.learning.config import load_config
     from al_manager.learning.loop import run_loop
+    from al_manager.learning.sampling import SamplingFailed
     from al_manager.learning.state import WorkdirBusy
     from al_manager.reference.base import ReferenceError
 
@@ -46,7 +47,7 @@ def start(config_path: Path, init_only: bool) -> int:
         return run_loop(config, init_only=init_only, config_text=config_path.read_text())
     except WorkdirBusy as exc:
         raise UsageError(str(exc)) from None
-    except ReferenceError as exc:  # e.g. the reference relaxation of a structure failed
+    except (ReferenceError, SamplingFailed) as exc:  # e.g. the reference relaxation of a structure failed
         print(f"nanosil al: error: {exc}", file=sys.stderr)
         return 1
 

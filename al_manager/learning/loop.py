@@ -42,7 +42,7 @@ import numpy as np
 
 from spectra.atomic import write_text, write_with
 
-from .sampling import Sampler, frames_as_atoms, plan_runs, summarize
+from .sampling import Sampler, SamplingFailed, frames_as_atoms, plan_runs, summarize
 from al_manager.processes import OWNER_ENV, end_orphans
 
 from .state import State, WorkdirLock
@@ -267,6 +267,14 @@ class Manager:
                          **placement).run()
         s = summarize(record)
         record["sampling_seconds"] = round(record.get("sampling_seconds", 0.0) + time.time() - t0, 1)
+        if s["runs"] and s["crashed"] == s["runs"]:
+            # a broken installation or model, not bad luck: stop with the reason rather than count an
+            # iteration without frames towards the patience
+            name, run = next(iter(record["runs"].items()))
+            record["runs"] = {}   # the rerun, once fixed, starts every run again
+            self.state.save()
+            raise SamplingFailed(f"iteration {k}: every sampling run crashed, e.g. {name}: {run['reason']} "
+                                 f"(logs under {self.iter_dir(k) / 'runs'}); rerun the same command once fixed")
         self.log(f"iteration {k}: sampling done: {s['frames']} uncertain frame(s) from {s['runs']} run(s) "
                  f"({s['done']} done, {s['crashed']} crashed, {s['exploded']} exploded; {s['md_ps']} ps of MD)")
         self.state.set_phase("labelling", k)

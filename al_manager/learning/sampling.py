@@ -49,6 +49,10 @@ PREFIX = "simulation"                     # i-PI output prefix inside a run fold
 _RECORDED_BEFORE_TIMESTEP_FS = 0.5        # runs recorded without their time step ran al_sampling.xml's 0.5 fs
 
 
+class SamplingFailed(RuntimeError):
+    """Every run of an iteration crashed: nothing was sampled, and going on would only repeat it."""
+
+
 @dataclass
 class SamplingSettings:
     """The ``[sampling]`` section of the active-learning configuration, exactly as the sampler takes it.
