@@ -146,7 +146,8 @@ class StoppingRule:
     # schedule much longer than the whole chain's.
     final_epochs: int = 0
     # "scratch": fresh weights (or [train] pretrained); "last": continue the last iteration's committee (a
-    # polish: on that run, 800 epochs at lr 5e-4 from iteration 11 took the MAE from 2.74 to 2.55 cm^-1)
+    # polish: on that run, 800 epochs at lr 5e-4 from iteration 11 took the MAE from 2.74 to 2.55 cm^-1; on
+    # the next full run, from a committee at 2.19, to 2.22: it mends a drifted retrain)
     final_from: Literal["scratch", "last"] = "scratch"
     final_lr: float | None = None      # learning rate of the final training (default: [train] lr)
 
