@@ -511,6 +511,10 @@ def session(settings: ExecutionSettings, run_dir: str | Path = "runinfo", *, sta
     require_parsl()
     import parsl
 
+    from al_manager.processes import end_processes, parsl_interchanges
+
+    # the interchanges of an earlier manager of this run folder that was killed (the caller holds its lock)
+    end_processes(parsl_interchanges(run_dir), grace=5.0)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     dfk = parsl.load(parsl_config(settings, run_dir, stages=stages))
     s = ParslSession(dfk, settings, tuple(stages))

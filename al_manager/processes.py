@@ -121,6 +121,32 @@ def end_processes(pids: list[int], grace: float = 5.0) -> list[int]:
     return killed
 
 
+def parsl_interchanges(run_dir: str | os.PathLike) -> list[int]:
+    """Live Parsl interchanges ("parsl: HTEX interchange") with a file open under ``run_dir`` (their log):
+    those of a manager of that run folder. Parsl starts them without our owner tag, and one whose manager
+    was SIGKILLed lives on, so they are found by what they hold open."""
+    root = str(Path(run_dir).resolve()) + os.sep
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if not f.read().startswith(b"parsl: HTEX interchange"):
+                    continue
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{entry}/fd/{fd}").startswith(root):
+                    found.append(int(entry))
+                    break
+            except OSError:
+                continue
+    return found
+
+
 def end_orphans(state, grace: float = 5.0) -> list[int]:
     """End every process a previous (killed) manager of this work directory left behind: the recorded
     children's process groups, then anything else that carries the work directory's tag (MPI ranks,

@@ -415,6 +415,9 @@ def test_an_iteration_on_parsl_survives_a_killed_manager(initialised, uninterrup
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.out").read_text()[-3000:]
     token = state_of(workdir)["token"]
+    from al_manager.processes import parsl_interchanges
+
+    assert parsl_interchanges(workdir / "parsl"), "the killed manager's interchanges are not seen"
 
     again = nanosil("al", "run", config, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-3000:]
@@ -426,9 +429,10 @@ def test_an_iteration_on_parsl_survives_a_killed_manager(initialised, uninterrup
     assert not (workdir / "models" / ".iter_001.tasks").exists()
     assert [int(r["iteration"]) for r in read_report_csv(workdir / "report.csv")] == [0, 1]
     deadline = time.monotonic() + 30
-    while leftover_processes(workdir, token) and time.monotonic() < deadline:
+    while (leftover_processes(workdir, token) or parsl_interchanges(workdir / "parsl")) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert leftover_processes(workdir, token) == []
+    assert parsl_interchanges(workdir / "parsl") == []   # the orphaned ones were ended, the rerun's own are gone
 
 
 @pytest.mark.slow
