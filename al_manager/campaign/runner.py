@@ -353,6 +353,13 @@ class CampaignRunner:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
+    def to_run(self, retry_failed: bool = True) -> list[TrajectoryRun]:
+        """The trajectories still to run (not done or untrusted; failed ones only with ``retry_failed``),
+        after checking that every trajectory's files match the MD settings."""
+        for run in self.runs:
+            run.check_compatible()
+        return [r for r in self.runs if r.status not in FINAL and (retry_failed or r.status != "failed")]
+
     def states(self) -> list[tuple[TrajectoryRun, dict]]:
         return [(run, dict(run.state)) for run in self.runs]
 
@@ -385,13 +392,11 @@ class CampaignRunner:
     # ------------------------------------------------------------ the loop
     def run(self, retry_failed: bool = True) -> None:
         cfg = self.config
-        for run in self.runs:
-            run.check_compatible()
+        todo = self.to_run(retry_failed)
         self._reap()
         for run in self.runs:
             if run.status == "running":
                 run.save(status="pending")
-        todo = [r for r in self.runs if r.status not in FINAL and (retry_failed or r.status != "failed")]
         finished = sum(r.status in FINAL for r in self.runs)
         self.log(f"campaign {cfg.output}: {len(self.runs)} trajectories, {finished} already finished, "
                  f"{len(todo)} to run")
@@ -663,16 +668,14 @@ def run_shard(config: CampaignConfig, ids: list[str], shard: str, retry_failed: 
     """One Parsl task: the trajectories ``ids`` of ``config``'s campaign on this node, with [run]'s i-PI
     processes and batched drivers, in the shared output folder (each trajectory resumes from its own
     checkpoint, as locally). Returns the shard's throughput and the status of each of its trajectories."""
-    lines = []
-
     def log(message: str) -> None:
-        lines.append(message)
         print(f"[{shard}] {message}", file=sys.stderr, flush=True)
 
-    runner = CampaignRunner(config, log=log, only=set(ids), shard=shard, stream=open(os.devnull, "w"))
-    runner.run(retry_failed=retry_failed)
+    with open(os.devnull, "w") as quiet:   # no progress bar in a worker's log
+        runner = CampaignRunner(config, log=log, only=set(ids), shard=shard, stream=quiet)
+        runner.run(retry_failed=retry_failed)
     return {"throughput": runner.throughput(), "status": {r.id: r.status for r in runner.runs},
-            "host": os.uname().nodename, "last_line": lines[-1] if lines else ""}
+            "host": os.uname().nodename}
 
 
 def run_on_parsl(config: CampaignConfig, runner: CampaignRunner, log, retry_failed: bool = True) -> dict:
@@ -685,9 +688,7 @@ def run_on_parsl(config: CampaignConfig, runner: CampaignRunner, log, retry_fail
     from al_manager.execution import session
 
     ex = config.execution
-    for run in runner.runs:
-        run.check_compatible()
-    todo = [r for r in runner.runs if r.status not in FINAL and (retry_failed or r.status != "failed")]
+    todo = runner.to_run(retry_failed)
     log(f"campaign {config.output}: {len(runner.runs)} trajectories, {len(runner.runs) - len(todo)} already "
         f"finished, {len(todo)} to run on Parsl ({ex.provider} provider)")
     total = {"wall_s": 0.0, "simulated_ps": 0.0, "md_steps": 0}

@@ -47,7 +47,7 @@ def start(config_path: Path, init_only: bool) -> int:
         return run_loop(config, init_only=init_only, config_text=config_path.read_text())
     except WorkdirBusy as exc:
         raise UsageError(str(exc)) from None
-    except (ReferenceError, SamplingFailed) as exc:  # e.g. the reference relaxation of a structure failed
+    except (ReferenceError, SamplingFailed) as exc:  # a reference relaxation failed, every sampling run crashed
         print(f"nanosil al: error: {exc}", file=sys.stderr)
         return 1
 

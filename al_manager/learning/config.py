@@ -97,8 +97,8 @@ import json
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 from al_manager.execution import ExecutionSettings, build_execution
 from al_manager.settings import (ConfigError, Where, build, check_keys, convert, read_toml, suggest, table_of,

@@ -184,7 +184,8 @@ class Manager:
             self._retire_final(k)
             self.state["stop_reason"] = None
             self.state.set_phase("sampling", k + 1)
-        elif stopping.final_epochs and _final_recipe(self.state.get("final") or {}) != _final_recipe(stopping):
+        elif stopping.final_epochs and _final_recipe(self.state.get("final") or {}) != (
+                stopping.final_epochs, stopping.final_from, stopping.final_lr):
             self._retire_final(k)
             self.state.set_phase("final", k)
 
@@ -544,10 +545,10 @@ class Manager:
                  f"[{time.time() - t0:.0f} s]; validation {_fmt_val(val)}")
 
 
-def _final_recipe(record) -> tuple:
-    """What a final training was (a state record) or is asked to be (``[stopping]``): a change trains anew."""
-    get = record.get if isinstance(record, dict) else lambda key, default=None: getattr(record, f"final_{key}", default)
-    return get("epochs"), get("from", "scratch") or "scratch", get("lr")
+def _final_recipe(record: dict) -> tuple:
+    """(epochs, from, lr) of the final training a state record describes (records from before ``from``
+    and ``lr`` were from scratch at [train] lr): a ``[stopping]`` that asks for another trains anew."""
+    return record.get("epochs"), record.get("from") or "scratch", record.get("lr")
 
 
 def _fmt_val(val: dict) -> str:

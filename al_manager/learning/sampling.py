@@ -227,16 +227,7 @@ class _Live:
             while time.monotonic() < deadline and self.alive():
                 time.sleep(0.1)
             return
-        for proc in (self.ipi, self.driver):
-            if proc.poll() is None:
-                signal_group_or_pid(proc.pid, proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and self.alive():
-            time.sleep(0.05)
-        for proc in (self.ipi, self.driver):
-            if proc.poll() is None:
-                signal_group_or_pid(proc.pid, proc.pid, signal.SIGKILL)
-                proc.wait()
+        _end_pair((self.ipi, self.driver))
 
     def close_logs(self) -> None:
         for f in self.logs:
@@ -247,6 +238,20 @@ class _Live:
                 sock.unlink()
             except OSError:
                 pass
+
+
+def _end_pair(procs) -> None:
+    """SIGTERM the process groups of a pair's live processes, give them 10 s, then SIGKILL what is left."""
+    for proc in procs:
+        if proc.poll() is None:
+            signal_group_or_pid(proc.pid, proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    for proc in procs:
+        if proc.poll() is None:
+            signal_group_or_pid(proc.pid, proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 # ---------------------------------------------------------------------- one run as a Parsl task
@@ -272,15 +277,19 @@ def run_pair(run_dir: str, ipi_argv: list[str], driver_argv: list[str], env: dic
 
     folder = Path(run_dir)
 
-    def mine() -> bool:
+    def task() -> dict:
         try:
-            return json.loads((folder / TASK_FILE).read_text()).get("attempt") == attempt
+            return json.loads((folder / TASK_FILE).read_text())
         except (OSError, ValueError):
-            return False
+            return {}
 
-    if not mine():
+    def mine() -> bool:
+        return task().get("attempt") == attempt
+
+    record = task()
+    if record.get("attempt") != attempt:
         return {"ipi": -1, "driver": -1, "host": _socket.gethostname(), "ended": "run folder taken over"}
-    inputs = set(json.loads((folder / TASK_FILE).read_text())["inputs"]) | {TASK_FILE}
+    inputs = set(record["inputs"]) | {TASK_FILE}
     for path in folder.iterdir():  # an earlier try of this task: start from the inputs again
         if path.name not in inputs:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -303,16 +312,7 @@ def run_pair(run_dir: str, ipi_argv: list[str], driver_argv: list[str], env: dic
                    "partner ended" if first_end is not None and now - first_end > partner_grace_s else "")
             if why:
                 ended = why
-                for p in procs.values():
-                    if p.poll() is None:
-                        signal_group_or_pid(p.pid, p.pid, signal.SIGTERM)
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline and any(p.poll() is None for p in procs.values()):
-                    time.sleep(0.05)
-                for p in procs.values():
-                    if p.poll() is None:
-                        signal_group_or_pid(p.pid, p.pid, signal.SIGKILL)
-                        p.wait()
+                _end_pair(list(procs.values()))
                 break
             time.sleep(0.2)
     return {"ipi": procs["ipi"].returncode, "driver": procs["driver"].returncode,
