@@ -13,7 +13,7 @@ to change), 150 epochs (~20-30 min on 2 cores). The full setting: 4 temperatures
 normal-mode data, runs of up to 2 ps that collect 2 frames each under the adaptive threshold, warm-started
 retrains of 600 epochs, a budget of 400 labels, patience 3 (hours); ``final_models`` is the committee of
 the last row of ``report.csv``: the row ``final``, a polish of the last iteration's committee
-(``[stopping] final_epochs``, ``final_from = "last"``).
+(``[stopping] final_epochs``, ``final_from = "last"``) on every label (``final_hold_out = false``).
 A rerun with the same settings resumes the work directory (``--fresh`` starts over). ``--control`` adds a
 second baseline: the same warm-start chain of retrainings on the initial labels only, since part of any
 gain can come from the extra training rather than the new labels. Writes a table, ``label_efficiency.png``
@@ -70,12 +70,12 @@ def settings(quick: bool, workdir: Path) -> dict:
                       initial_data={"n_select": 75, "n_random": 200},
                       sampling={"energy_threshold": 0.002, "max_md_ps": 2.0, "parallel_runs": 2, "mpi_ranks": 1,
                                 "frames_per_run": 2, "adaptive_factor": 3.0},
-                      # a polish of the last committee, not a from-scratch final training: on the earlier run
-                      # 1500 epochs from scratch ended worse than the warm-started chain (2.93 against 2.74),
-                      # 800 epochs at lr 5e-4 from its last committee better (2.55); on this setting's own run
-                      # the polish changed little (2.19 -> 2.22): it mends a drifted retrain, no more
+                      # a polish of the last committee, not a from-scratch final training (on the first full
+                      # run, 1500 epochs from scratch ended worse than the warm-started chain), on every
+                      # label of the budget: the tenth the retrains hold out for validation trains too
                       stopping={"patience": 3, "max_iterations": 12, "max_labels": 400,
-                                "final_epochs": 800, "final_from": "last", "final_lr": 5e-4},
+                                "final_epochs": 800, "final_from": "last", "final_lr": 5e-4,
+                                "final_hold_out": False},
                       train={**train, "epochs": 600, "patience": 200})
     return common
 
@@ -235,11 +235,15 @@ def control_chain(workdir: Path, cfg, rounds: int) -> list[float]:
 
 
 def test_set(workdir: Path, cfg, models: Path, frames_per_run: int, ps: float) -> dict:
-    """The paper's test set for ``models`` (cached in ``workdir/test``: a resumed run reuses its labels)."""
+    """The paper's test set for ``models`` (cached in ``workdir/test`` per committee: a resumed run reuses
+    its labels, a retrained final committee gets MD of its own)."""
+    import hashlib
+
     from al_manager.learning.testset import label_test_set, sample_md_frames, uncertainty_report
     from driver.data import read_frames
 
-    folder = workdir / "test" / models.name
+    identity = hashlib.sha256((models / "committee.json").read_bytes()).hexdigest()[:12]
+    folder = workdir / "test" / f"{models.name}-{identity}"
     db = folder / "test.db"
     done = folder / ".labelled"
     if not done.is_file():

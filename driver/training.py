@@ -58,6 +58,10 @@ class TrainConfig:
     lambda_energy: float = 1.0
     lambda_forces: float = 10.0        # Å^2
     subsample: float = 0.9             # fraction of the training split each member sees (without replacement)
+    # False: the validation tenth trains too, for a last committee on a fixed label budget (every label
+    # counts). Its validation errors are then training errors, and its calibration factors come from the
+    # warm-start committee, which held those frames out (on seen frames they would be optimistic).
+    hold_out: bool = True
     bootstrap: bool = False            # sample with replacement instead
     seed: int = DEFAULT_SEED           # split seed; member k uses seed + 1 + k
     workers: int | None = None         # parallel processes (default: min(members, cores))
@@ -552,6 +556,8 @@ def train_committee(data, out_dir, cfg: TrainConfig | None = None, executor=None
     warm = load_committee(start) if start else None
     mcfg = warm.config if warm is not None else ModelConfig(**cfg.model)
     train_frames, val_frames = split_train_validation(frames, cfg.seed)
+    if not cfg.hold_out:
+        train_frames = train_frames + val_frames
     index = _species_index(train_frames, mcfg.species)
     pretrained_record = None
     if warm is None:
@@ -586,7 +592,8 @@ def train_committee(data, out_dir, cfg: TrainConfig | None = None, executor=None
     workers = max(1, min(cfg.workers or cores, len(tasks)))
     threads = max(1, cores // workers)
     print(f"training {cfg.committee} energy/force member(s) and {j} dipole member(s) on "
-          f"{len(train_frames)} structures (validation {len(val_frames)}), {workers} process(es) x "
+          f"{len(train_frames)} structures (validation {len(val_frames)}"
+          f"{'' if cfg.hold_out else ', trained on too: hold_out off'}), {workers} process(es) x "
           f"{threads} thread(s){'' if device.type == 'cpu' else f' on {device}'}", flush=True)
     t0 = time.time()
     if executor is not None:
@@ -603,9 +610,17 @@ def train_committee(data, out_dir, cfg: TrainConfig | None = None, executor=None
         dm.load_state_dict(_stack([r["state"] for r in dipole_states]))
     committee = Committee(mcfg, em.eval(), dm.eval() if dm is not None else None, np.asarray(shift, float))
     committee.to(device=device)  # calibration and error tables where it trained; saved from CPU copies
-    committee.calibration = calibrate(committee, val_frames)
+    if cfg.hold_out:
+        committee.calibration = calibrate(committee, val_frames)
+    elif warm is not None and cfg.warm_start:
+        committee.calibration = dict(warm.calibration)
+    else:
+        committee.calibration = calibrate(committee, val_frames)
+        print("note: hold_out off without a warm start: calibrated on frames the members trained on, so the "
+              "factors are optimistic", flush=True)
     committee.metadata = {
         "n_train": len(train_frames), "n_validation": len(val_frames), "seconds": time.time() - t0,
+        "validation_seen": not cfg.hold_out,
         "train_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"},
         "members": [{k: r[k] for k in ("kind", "member", "best_val", "best_epoch", "epochs_run", "seconds")}
                     for r in results],

@@ -261,6 +261,19 @@ def test_a_final_training_from_scratch_becomes_the_result(uninterrupted, tmp_pat
     assert state_of(workdir)["final"]["from"] == "last"
     assert [r["iteration"] for r in read_report_csv(workdir / "report.csv")] == ["0", "1", "2", "final"]
 
+    # final_hold_out = false: every label trains (a new recipe again); the validation tenth is seen, so the
+    # calibration factors are those of iteration 2's committee, which held it out
+    every = polish.read_text().replace('final_lr = 1e-4', 'final_lr = 1e-4\nfinal_hold_out = false')
+    polish.write_text(every)
+    proc = nanosil("al", "run", polish, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert "on every label, the validation tenth too" in proc.stdout
+    final, last = load_committee(workdir / "models" / "final"), load_committee(workdir / "models" / "iter_002")
+    assert final.metadata["n_train"] == 11 and final.metadata["validation_seen"] is True
+    assert final.metadata["train_config"]["hold_out"] is False and state_of(workdir)["final"]["hold_out"] is False
+    assert final.calibration == last.calibration
+    assert last.metadata["n_train"] + last.metadata["n_validation"] == 11 and last.metadata["validation_seen"] is False
+
 
 @pytest.mark.slow
 def test_iteration_two_continues_each_run_from_its_checkpoint(uninterrupted):

@@ -185,7 +185,7 @@ class Manager:
             self.state["stop_reason"] = None
             self.state.set_phase("sampling", k + 1)
         elif stopping.final_epochs and _final_recipe(self.state.get("final") or {}) != (
-                stopping.final_epochs, stopping.final_from, stopping.final_lr):
+                stopping.final_epochs, stopping.final_from, stopping.final_lr, stopping.final_hold_out):
             self._retire_final(k)
             self.state.set_phase("final", k)
 
@@ -451,16 +451,18 @@ class Manager:
         cfg = self.config.train_config(warm_start=start)
         lr = stopping.final_lr or cfg.lr
         # no early stopping: the best-validation weights of the whole decaying schedule are kept
-        cfg = dataclasses.replace(cfg, epochs=epochs, patience=epochs, lr=lr, lr_dipole=cfg.lr_dipole * lr / cfg.lr)
+        cfg = dataclasses.replace(cfg, epochs=epochs, patience=epochs, lr=lr, lr_dipole=cfg.lr_dipole * lr / cfg.lr,
+                                  hold_out=stopping.final_hold_out)
         how = f"from {start.name}" if start is not None else "from scratch"
-        self.log(f"final: {self.state.get('stop_reason')}; training the committee {how} on every label for "
+        labels = "every label" if stopping.final_hold_out else "every label, the validation tenth too"
+        self.log(f"final: {self.state.get('stop_reason')}; training the committee {how} on {labels} for "
                  f"{epochs} epochs at lr {lr:g} (no early stopping) -> {out.relative_to(self.workdir)}")
         self._train(k, warm_start=start, out=out, cfg=cfg, name="final")
         t0 = time.time()
         errors, val, row, per = self._measure_model(out, "final")
         row.update(new_labels=0, seconds=round(time.time() - self.state.get("started_iteration", time.time()), 1))
         self.state["final"] = {"after_iteration": k, "epochs": epochs, "from": stopping.final_from,
-                               "lr": stopping.final_lr, "row": row,
+                               "lr": stopping.final_lr, "hold_out": stopping.final_hold_out, "row": row,
                                "measured": {"harmonic": errors, "validation": val}}
         self._write_report()
         last = self.state["iterations"].get(str(k), {}).get("row") or self.state["initial"].get("row") or {}
@@ -546,9 +548,10 @@ class Manager:
 
 
 def _final_recipe(record: dict) -> tuple:
-    """(epochs, from, lr) of the final training a state record describes (records from before ``from``
-    and ``lr`` were from scratch at [train] lr): a ``[stopping]`` that asks for another trains anew."""
-    return record.get("epochs"), record.get("from") or "scratch", record.get("lr")
+    """(epochs, from, lr, hold_out) of the final training a state record describes (records from before
+    ``from``, ``lr`` and ``hold_out`` were from scratch at [train] lr, holding out): a ``[stopping]`` that
+    asks for another trains anew."""
+    return record.get("epochs"), record.get("from") or "scratch", record.get("lr"), record.get("hold_out", True)
 
 
 def _fmt_val(val: dict) -> str:
