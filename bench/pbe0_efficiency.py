@@ -41,7 +41,7 @@ its ``--transfer`` uses n = 2, 4.
 Cost of the full setting on this 2-core machine, from measured PBE0 (RI-JK) times per label on one core (busy
 machine): P1 10 s, O1 16 s, P2 38 s. The reference relaxations and finite-difference Hessians (6N + 1 gradients
 each, one core, in the manager) ~1.2 h, P2 most of it; 300 labels on 2 workers ~1 h; 9 trainings of 3 + 1
-members (500 epochs) ~1 h; sampling and measuring ~0.5 h: about 3.5-4 h, over several sessions if need be.
+members (500 epochs) ~1 h, the final polish on every label (800 epochs, as in label_efficiency) ~0.2 h; sampling and measuring ~0.5 h: about 3.5-4 h, over several sessions if need be.
 ``--transfer`` adds 8 trainings of energy members, ~0.5 h.
 """
 from __future__ import annotations
@@ -98,7 +98,9 @@ def settings(workdir: Path, *, smoke: bool, budget: int, n_select: int, density_
                    initial_data={"n_select": n_select, "n_random": 2 * n_select},
                    sampling={"energy_threshold": 0.002, "max_md_ps": 2.0, "parallel_runs": 2, "mpi_ranks": 1,
                              "frames_per_run": 2, "adaptive_factor": 3.0},
-                   stopping={"patience": 3, "max_iterations": 12, "max_labels": budget})
+                   # and the same final step: a polish of the last committee on every label
+                   stopping={"patience": 3, "max_iterations": 12, "max_labels": budget,
+                             "final_epochs": 800, "final_from": "last", "final_lr": 5e-4, "final_hold_out": False})
     if iterations is not None:
         cfg["stopping"]["max_iterations"] = iterations
     if pretrained is not None:
