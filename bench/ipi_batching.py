@@ -12,13 +12,14 @@ i-PI's side of a step, which bounds how close a campaign comes to the model-only
 - ``many``: N i-PI processes (the production template, one P2 trajectory each, 400 K), one client each
   over a UNIX socket; they run side by side on the cores;
 - ``one_batched``: one i-PI with the same N systems and outputs, one client with ``batch_size = N``;
-- ``one_batched_shm``: the same over i-PI's shared-memory transport.
+- ``one_batched_shm``: the same over i-PI's shared-memory transport;
+- ``per_core_batched``: one such i-PI per core, each with N / cores of the systems.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/ipi_batching.py [--systems 8] [--steps 2000] [--json out.json]
 
 Keys (``--json``): per arm ``<arm>_system_steps_per_s`` (trajectory steps per wall second, steady window),
 ``<arm>_cpu_ms_per_system_step`` (i-PI + client CPU per trajectory step, all processes); and
-``one_batched_over_many_system_steps_per_s`` (> 1: one batched i-PI is faster), ``cores``.
+``<arm>_over_many_system_steps_per_s`` (> 1: faster than many i-PIs), ``cores``.
 
 With a model the work per step adds the same batched model time to both designs, but one i-PI
 steps its systems in one Python process (its threads share the interpreter lock), so its i-PI part does
@@ -142,22 +143,28 @@ def run_many(workdir: Path, n: int, steps: int, stride: int, timestep_fs: float)
         _stop(procs)
 
 
-def run_one(workdir: Path, n: int, steps: int, stride: int, timestep_fs: float, mode: str) -> dict:
-    folder = workdir / f"one_{mode}"
+def run_grouped(workdir: Path, n: int, groups: int, steps: int, stride: int, timestep_fs: float,
+                mode: str) -> dict:
+    """``groups`` i-PIs, each with n / groups of the systems and one client batching them."""
+    folder = workdir / f"groups{groups}_{mode}"
     shutil.rmtree(folder, ignore_errors=True)
-    socket = f"nsb{os.getpid()}o{mode}"
-    xmls = [prepare(folder / "start", "P2", k, steps, socket, stride, timestep_fs) for k in range(n)]
-    xml = combined_xml(xmls, folder / "run", socket, n, mode)
-    procs = [_ipi(xml)]
+    size = n // groups
+    sockets = [f"nsb{os.getpid()}g{mode}{g}" for g in range(groups)]
+    xmls = []
+    for g, socket in enumerate(sockets):
+        starts = [prepare(folder / "start", "P2", g * size + k, steps, socket, stride, timestep_fs)
+                  for k in range(size)]
+        xmls.append(combined_xml(starts, folder / f"run{g}", socket, size, mode))
+    procs = [_ipi(x) for x in xmls]
     time.sleep(1.0)
-    procs.append(_client(socket, xml.parent / "client.log", shm=(mode == "shm")))
+    procs += [_client(s, x.parent / "client.log", shm=(mode == "shm")) for s, x in zip(sockets, xmls)]
     try:
-        result = watch(procs, xml.parent, n, steps // stride + 1, stride)
+        result = watch(procs, folder, groups * size, steps // stride + 1, stride)
     finally:
         _stop(procs)
-    log = (xml.parent / "client.log").read_text()
-    if f"batch of {n} structures" not in log:
-        raise RuntimeError(f"the client never received a batch of {n}: see {xml.parent / 'client.log'}")
+    for x in xmls:
+        if f"batch of {size} structures" not in (x.parent / "client.log").read_text():
+            raise RuntimeError(f"the client never received a batch of {size}: see {x.parent / 'client.log'}")
     return result
 
 
@@ -172,9 +179,11 @@ def main(argv=None) -> int:
     workdir = BENCH / "results" / "ipi_batching"
     md = MDSettings()          # the ir-campaign defaults: time step and dipole stride
     stride, dt = md.dipole_stride, md.timestep_fs
-    arms = {"many": lambda: run_many(workdir, args.systems, args.steps, stride, dt),
-            "one_batched": lambda: run_one(workdir, args.systems, args.steps, stride, dt, "unix"),
-            "one_batched_shm": lambda: run_one(workdir, args.systems, args.steps, stride, dt, "shm")}
+    n, cores = args.systems, os.cpu_count()
+    arms = {"many": lambda: run_many(workdir, n, args.steps, stride, dt),
+            "one_batched": lambda: run_grouped(workdir, n, 1, args.steps, stride, dt, "unix"),
+            "one_batched_shm": lambda: run_grouped(workdir, n, 1, args.steps, stride, dt, "shm"),
+            "per_core_batched": lambda: run_grouped(workdir, n, cores, args.steps, stride, dt, "unix")}
     out = {"systems": args.systems, "steps": args.steps, "dipole_stride": stride, "cores": os.cpu_count()}
     print(f"{args.systems} x P2 at 400 K, {args.steps} steps each, dipole every {stride} steps, "
           f"a force provider that computes nothing; {os.cpu_count()} cores")
@@ -187,8 +196,11 @@ def main(argv=None) -> int:
     out["one_batched_over_many_system_steps_per_s"] = out["one_batched_system_steps_per_s"] / out["many_system_steps_per_s"]
     out["one_batched_shm_over_many_system_steps_per_s"] = (out["one_batched_shm_system_steps_per_s"]
                                                            / out["many_system_steps_per_s"])
-    print(f"one i-PI, batched, over many i-PIs: {out['one_batched_over_many_system_steps_per_s']:.2f} "
-          f"(shm {out['one_batched_shm_over_many_system_steps_per_s']:.2f})")
+    out["per_core_batched_over_many_system_steps_per_s"] = (out["per_core_batched_system_steps_per_s"]
+                                                            / out["many_system_steps_per_s"])
+    print(f"over many i-PIs: one i-PI, batched {out['one_batched_over_many_system_steps_per_s']:.2f} "
+          f"(shm {out['one_batched_shm_over_many_system_steps_per_s']:.2f}); one i-PI per core, batched "
+          f"{out['per_core_batched_over_many_system_steps_per_s']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
