@@ -271,6 +271,7 @@ def test_a_final_training_from_scratch_becomes_the_result(uninterrupted, tmp_pat
     final, last = load_committee(workdir / "models" / "final"), load_committee(workdir / "models" / "iter_002")
     assert final.metadata["n_train"] == 11 and final.metadata["validation_seen"] is True
     assert final.metadata["train_config"]["hold_out"] is False and state_of(workdir)["final"]["hold_out"] is False
+    assert final.metadata["train_config"]["subsample"] == 1.0
     assert final.calibration == last.calibration
     assert last.metadata["n_train"] + last.metadata["n_validation"] == 11 and last.metadata["validation_seen"] is False
 

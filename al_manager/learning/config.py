@@ -58,8 +58,8 @@ Layout (every section and key but ``structures`` is optional; the values shown a
                                        # measured like an iteration (row "final" of report.csv)
     # final_from = "scratch"           # "last": continue the last iteration's committee instead (a polish)
     # final_lr = 5e-4                  # its learning rate (default: [train] lr), decaying to zero
-    # final_hold_out = true            # false: the validation tenth trains too (every label of the budget
-                                       # counts; the calibration is then the last iteration's committee's)
+    # final_hold_out = true            # false: every label trains every member (no validation tenth, no
+                                       # subsample; the calibration is then the last iteration's committee's)
 
     [initial_data]                     # al_manager.learning.initial_data.InitialDataSettings
     relax = true                       # relax with the reference method first (also the start of sampling)
@@ -154,10 +154,11 @@ class StoppingRule:
     # the next full run, from a committee at 2.19, to 2.22: it mends a drifted retrain)
     final_from: Literal["scratch", "last"] = "scratch"
     final_lr: float | None = None      # learning rate of the final training (default: [train] lr)
-    # False: the final training trains on the validation tenth too (driver.training.TrainConfig.hold_out):
-    # under a label budget the tenth held out is a tenth of the labels lost to the result
-    # (bench/label_efficiency.py measures it). With final_from = "last" the calibration factors are the
-    # last iteration's committee's, which held those frames out.
+    # False: every label trains every member of the final committee: the validation tenth too
+    # (driver.training.TrainConfig.hold_out) and no [train] subsample. Under a label budget the tenth held
+    # out, and the tenth each member skips, are labels lost to the result (bench/label_efficiency.py
+    # measures it). With final_from = "last" the calibration factors are the last iteration's committee's,
+    # which held those frames out.
     final_hold_out: bool = True
 
     def __post_init__(self):

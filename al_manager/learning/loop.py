@@ -451,8 +451,11 @@ class Manager:
         cfg = self.config.train_config(warm_start=start)
         lr = stopping.final_lr or cfg.lr
         # no early stopping: the best-validation weights of the whole decaying schedule are kept
+        # final_hold_out = false: every label trains every member (no validation tenth, no subsample)
+        every = not stopping.final_hold_out
         cfg = dataclasses.replace(cfg, epochs=epochs, patience=epochs, lr=lr, lr_dipole=cfg.lr_dipole * lr / cfg.lr,
-                                  hold_out=stopping.final_hold_out)
+                                  hold_out=not every, subsample=1.0 if every else cfg.subsample,
+                                  bootstrap=cfg.bootstrap and not every)
         how = f"from {start.name}" if start is not None else "from scratch"
         labels = "every label" if stopping.final_hold_out else "every label, the validation tenth too"
         self.log(f"final: {self.state.get('stop_reason')}; training the committee {how} on {labels} for "
