@@ -267,7 +267,7 @@ def test_a_final_training_from_scratch_becomes_the_result(uninterrupted, tmp_pat
     polish.write_text(every)
     proc = nanosil("al", "run", polish, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
-    assert "on every label, the validation tenth too" in proc.stdout
+    assert "on every label for every member (the validation tenth too)" in proc.stdout
     final, last = load_committee(workdir / "models" / "final"), load_committee(workdir / "models" / "iter_002")
     assert final.metadata["n_train"] == 11 and final.metadata["validation_seen"] is True
     assert final.metadata["train_config"]["hold_out"] is False and state_of(workdir)["final"]["hold_out"] is False

@@ -184,8 +184,8 @@ class Manager:
             self._retire_final(k)
             self.state["stop_reason"] = None
             self.state.set_phase("sampling", k + 1)
-        elif stopping.final_epochs and _final_recipe(self.state.get("final") or {}) != (
-                stopping.final_epochs, stopping.final_from, stopping.final_lr, stopping.final_hold_out):
+        elif stopping.final_epochs and _final_recipe(self.state.get("final") or {}, self.config.train.subsample) \
+                != _final_recipe(self._final_plan()):
             self._retire_final(k)
             self.state.set_phase("final", k)
 
@@ -451,21 +451,19 @@ class Manager:
         cfg = self.config.train_config(warm_start=start)
         lr = stopping.final_lr or cfg.lr
         # no early stopping: the best-validation weights of the whole decaying schedule are kept
-        # final_hold_out = false: every label trains every member (no validation tenth, no subsample)
-        every = not stopping.final_hold_out
+        plan = self._final_plan()
         cfg = dataclasses.replace(cfg, epochs=epochs, patience=epochs, lr=lr, lr_dipole=cfg.lr_dipole * lr / cfg.lr,
-                                  hold_out=not every, subsample=1.0 if every else cfg.subsample,
-                                  bootstrap=cfg.bootstrap and not every)
+                                  hold_out=plan["hold_out"], subsample=plan["subsample"],
+                                  bootstrap=cfg.bootstrap and plan["hold_out"])
         how = f"from {start.name}" if start is not None else "from scratch"
-        labels = "every label" if stopping.final_hold_out else "every label, the validation tenth too"
+        labels = "every label" if plan["hold_out"] else "every label for every member (the validation tenth too)"
         self.log(f"final: {self.state.get('stop_reason')}; training the committee {how} on {labels} for "
                  f"{epochs} epochs at lr {lr:g} (no early stopping) -> {out.relative_to(self.workdir)}")
         self._train(k, warm_start=start, out=out, cfg=cfg, name="final")
         t0 = time.time()
         errors, val, row, per = self._measure_model(out, "final")
         row.update(new_labels=0, seconds=round(time.time() - self.state.get("started_iteration", time.time()), 1))
-        self.state["final"] = {"after_iteration": k, "epochs": epochs, "from": stopping.final_from,
-                               "lr": stopping.final_lr, "hold_out": stopping.final_hold_out, "row": row,
+        self.state["final"] = {"after_iteration": k, **plan, "row": row,
                                "measured": {"harmonic": errors, "validation": val}}
         self._write_report()
         last = self.state["iterations"].get(str(k), {}).get("row") or self.state["initial"].get("row") or {}
@@ -473,6 +471,14 @@ class Manager:
         self.log(f"final: harmonic MAE {errors['mae_cm-1']:.2f} cm^-1{before}, RMSE {errors['rmse_cm-1']:.2f} cm^-1 "
                  f"({per}); validation {_fmt_val(val)}; {row['labels']} labels [{time.time() - t0:.0f} s]")
         self.state.set_phase("done", k)
+
+    def _final_plan(self) -> dict:
+        """The recipe of the configured final training. ``final_hold_out = false``: every label trains every
+        member (no validation tenth, no [train] subsample)."""
+        stopping = self.config.stopping
+        return {"epochs": stopping.final_epochs, "from": stopping.final_from, "lr": stopping.final_lr,
+                "hold_out": stopping.final_hold_out,
+                "subsample": self.config.train.subsample if stopping.final_hold_out else 1.0}
 
     def _retire_final(self, k: int) -> None:
         """A reopened loop trains a new final committee later; the old one is kept under another name."""
@@ -550,11 +556,12 @@ class Manager:
                  f"[{time.time() - t0:.0f} s]; validation {_fmt_val(val)}")
 
 
-def _final_recipe(record: dict) -> tuple:
-    """(epochs, from, lr, hold_out) of the final training a state record describes (records from before
-    ``from``, ``lr`` and ``hold_out`` were from scratch at [train] lr, holding out): a ``[stopping]`` that
-    asks for another trains anew."""
-    return record.get("epochs"), record.get("from") or "scratch", record.get("lr"), record.get("hold_out", True)
+def _final_recipe(record: dict, subsample: float | None = None) -> tuple:
+    """(epochs, from, lr, hold_out, subsample) of the final training a state record (or a plan) describes:
+    a ``[stopping]`` that asks for another trains anew. Records from before a field was kept were from
+    scratch at [train] lr, holding out, with ``subsample`` (the [train] subsample)."""
+    return (record.get("epochs"), record.get("from") or "scratch", record.get("lr"), record.get("hold_out", True),
+            record.get("subsample", subsample))
 
 
 def _fmt_val(val: dict) -> str:
