@@ -10,9 +10,8 @@ trained on the normal-mode data alone: the table gives each iteration's MAE as a
 
 ``--quick``: 2 temperatures (400, 800 K), 1 ps of MD per run and iteration, 3 iterations (``--iterations``
 to change), 150 epochs (~20-30 min on 2 cores). The full setting: 4 temperatures (100-1200 K), dense
-normal-mode data (each mode displaced alone at 100 K, then FPS), runs of up to 2 ps that collect 2 frames
-each under the adaptive threshold, warm-started retrains of 600 epochs, a budget of 400 labels, patience 3
-(hours); ``final_models`` is the committee of
+normal-mode data, runs of up to 2 ps that collect 2 frames each under the adaptive threshold, warm-started
+retrains of 600 epochs, a budget of 400 labels, patience 3 (hours); ``final_models`` is the committee of
 the last row of ``report.csv``: the row ``final``, a polish of the last iteration's committee
 (``[stopping] final_epochs``, ``final_from = "last"``) on every label (``final_hold_out = false``).
 A rerun with the same settings resumes the work directory (``--fresh`` starts over). ``--control`` adds a
@@ -67,10 +66,8 @@ def settings(quick: bool, workdir: Path) -> dict:
                       # three quarters of the budget as dense normal-mode data first (the capacity probe of
                       # issue 12: 120 per cluster alone reached 1.81 cm^-1 on P1 + O1; the earlier full run, with
                       # 40 per cluster and 12 iterations of MD frames, flattened at 2.5-2.7), then a few
-                      # iterations of sampling runs that travel before they flag; every mode displaced alone
-                      # first (FPS alone kept 0-5 single-mode structures per cluster, and the stiffest modes
-                      # came out 1-2 % too soft)
-                      initial_data={"n_select": 75, "n_random": 200, "every_mode": True},
+                      # iterations of sampling runs that travel before they flag
+                      initial_data={"n_select": 75, "n_random": 200},
                       sampling={"energy_threshold": 0.002, "max_md_ps": 2.0, "parallel_runs": 2, "mpi_ranks": 1,
                                 "frames_per_run": 2, "adaptive_factor": 3.0},
                       # a polish of the last committee, not a from-scratch final training (on the first full

@@ -48,11 +48,6 @@ def test_fps_on_points_of_a_line():
     assert len(fps.farthest_point_sampling(x, 0)) == 0
     with pytest.raises(ValueError, match="first=11"):
         fps.farthest_point_sampling(x, 2, first=11)
-    # several seeds: kept first, in order, then the farthest from all of them
-    assert list(fps.farthest_point_sampling(x, 4, first=[0, 10])) == [0, 10, 5, 2]
-    assert list(fps.farthest_point_sampling(x, 1, first=[3, 7])) == [3, 7]   # seeds are kept beyond n
-    with pytest.raises(ValueError, match="distinct"):
-        fps.farthest_point_sampling(x, 3, first=[2, 2])
 
 
 def test_global_descriptor_is_invariant(p1):
@@ -183,23 +178,3 @@ def test_make_initial_data_without_relaxation_keeps_the_input_minimum(p1, xtb, t
     np.testing.assert_allclose(frames[0].positions, minimum.positions)
     assert any(tmp_path.joinpath("harmonic").iterdir())   # the harmonic analysis cached its displacements
     assert all(f.info["mode"] >= 0 for f in frames[1:])
-
-
-def test_every_mode_keeps_one_displacement_per_mode_before_fps(p1, xtb, tmp_path):
-    """every_mode: each vibrational mode displaced alone at the lowest temperature (sign +), then FPS;
-    without it FPS takes the random combinations, which lie farther apart."""
-    minimum, har, _ = p1
-    settings = dict(relax=False, n_select=12, n_random=40)
-    plain = make_initial_data(minimum, xtb, InitialDataSettings(**settings), name="P1", workdir=tmp_path / "h")
-    every = make_initial_data(minimum, xtb, InitialDataSettings(**settings, every_mode=True), name="P1",
-                              workdir=tmp_path / "h")
-    n_vib = len(normal_modes.vibrational_indices(har.frequencies, minimum))
-    assert len(plain) == len(every) == 13
-    single = every[1:1 + n_vib]
-    assert sorted(f.info["mode"] for f in single) == sorted(normal_modes.vibrational_indices(har.frequencies, minimum))
-    assert all(f.info["mode_temperature"] == 100.0 and f.info["sign"] == 1 for f in single)
-    assert sum(f.info["mode"] >= 0 for f in plain[1:]) < n_vib
-    # fewer picks than modes: every mode is still kept
-    few = make_initial_data(minimum, xtb, InitialDataSettings(**dict(settings, n_select=3), every_mode=True),
-                            name="P1", workdir=tmp_path / "h")
-    assert len(few) == n_vib + 1

@@ -68,8 +68,6 @@ Layout (every section and key but ``structures`` is optional; the values shown a
     max_displacement = 0.3             # Å
     n_random = 10                      # random combinations of modes
     # n_select = 15                    # default 3 x N_atoms (per structure)
-    # every_mode = false               # true: each mode's displacement at the lowest temperature is kept,
-                                       # then FPS picks the rest
     seed = 0
 
     [train]                            # driver.training.TrainConfig (the fields of `nanosil train`)

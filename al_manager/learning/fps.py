@@ -11,33 +11,26 @@ permutation-invariant and smooth in the positions, which is what distances betwe
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
 DEFAULT_SPECIES = ("Mg", "Si", "O")
 
 
-def farthest_point_sampling(features, n: int, first: int | Sequence[int] = 0) -> np.ndarray:
+def farthest_point_sampling(features, n: int, first: int = 0) -> np.ndarray:
     """Indices of ``n`` rows of ``features`` (M, F) chosen by greedy farthest point sampling, starting with
-    row ``first`` (or the rows ``first``, in that order, all kept even beyond ``n``); all M rows (``first``
-    leading) when n >= M. Ties go to the lowest index."""
+    row ``first``; all M rows (``first`` leading) when n >= M. Ties go to the lowest index."""
     x = np.asarray(features, dtype=float)
     if x.ndim != 2:
         raise ValueError(f"features must be a 2-D array (structures x features), got shape {x.shape}")
     m = len(x)
     if m == 0 or n <= 0:
         return np.zeros(0, dtype=int)
-    seeds = [int(first)] if np.ndim(first) == 0 else [int(i) for i in first]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"first={first}: give one row index or distinct row indices")
-    bad = [i for i in seeds if not 0 <= i < m]
-    if bad:
-        raise ValueError(f"first={bad[0]} is not a row index of {m} structures")
-    n = min(max(int(n), len(seeds)), m)
-    chosen = list(seeds)
-    nearest = np.min([np.linalg.norm(x - x[i], axis=1) for i in seeds], axis=0)
-    for _ in range(n - len(seeds)):
+    if not 0 <= first < m:
+        raise ValueError(f"first={first} is not a row index of {m} structures")
+    n = min(int(n), m)
+    chosen = [int(first)]
+    nearest = np.linalg.norm(x - x[first], axis=1)
+    for _ in range(n - 1):
         nearest[chosen] = -np.inf
         k = int(np.argmax(nearest))
         chosen.append(k)

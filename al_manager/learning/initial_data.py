@@ -32,11 +32,6 @@ class InitialDataSettings:
     max_displacement: float = 0.3      # Å: no atom of a candidate moves further from the minimum
     n_random: int = 10                 # random combinations of all modes (thermal samples)
     n_select: int | None = None        # displaced structures kept by FPS; default 3 x N_atoms
-    # True: every vibrational mode's displacement at the lowest temperature (sign +) is kept before FPS
-    # picks the rest (they count towards n_select, and are all kept when n_select is smaller). FPS alone
-    # prefers the random combinations, which lie farther apart: with n_random = 200 it kept 0-5 single-mode
-    # structures of 75 per cluster, and the stiffest modes came out too soft.
-    every_mode: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -88,11 +83,7 @@ def make_initial_data(atoms: Atoms, backend, settings: InitialDataSettings | Non
     pool = [minimum] + [Atoms(numbers=minimum.numbers, positions=c.positions) for c in cands]
     n_select = s.n_select if s.n_select is not None else 3 * len(minimum)
     features = fps.global_descriptor(pool)
-    first = [0]
-    if s.every_mode:
-        coolest = min(s.temperatures)
-        first += [i + 1 for i, c in enumerate(cands) if c.mode >= 0 and c.sign == 1 and c.temperature == coolest]
-    chosen = fps.farthest_point_sampling(features, n_select + 1, first=first)
+    chosen = fps.farthest_point_sampling(features, n_select + 1, first=0)
 
     out = []
     for idx in chosen:
