@@ -146,6 +146,52 @@ def frames_written(path: Path) -> int:
         return 0
 
 
+def watch_files(procs: list, files: list[Path], need: int, stride: int, where: Path,
+                timeout: float = 1800.0) -> dict:
+    """Poll the dipole ``files`` (i-PI writes a frame every ``stride`` steps) until each has ``need`` frames,
+    recording (time, frames per file, CPU of ``procs``). The steady-state window runs from every trajectory
+    past its first 10 MD steps after start-up to the first one finished. Steps = frames x stride."""
+    t0 = time.monotonic()
+    samples = []
+    while True:
+        counts = [frames_written(f) for f in files]
+        samples.append((time.monotonic(), counts, cpu_seconds([p.pid for p in procs])))
+        if all(c >= need for c in counts):
+            break
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"trajectories did not finish within {timeout} s: {counts} of {need} frames")
+        if any(p.poll() not in (None, 0) for p in procs):
+            bad = [p.args for p in procs if p.poll() not in (None, 0)]
+            raise RuntimeError(f"a process failed: {bad}; see {where}")
+        time.sleep(0.1)
+    times = np.array([s[0] for s in samples])
+    counts = np.array([s[1] for s in samples])
+    # steady window: every trajectory past its first 10 MD steps (the frame of step (n - 1) K), none finished
+    warm = np.all((counts - 1) * stride >= 10, axis=1)
+    done = np.any(counts >= need, axis=1)
+    i0 = int(np.argmax(warm))
+    i1 = int(np.argmax(done)) if done.any() else len(times) - 1
+    if i1 <= i0:
+        i0, i1 = 0, len(times) - 1
+    steps = float(stride * (counts[i1].sum() - counts[i0].sum()))
+    seconds = float(times[i1] - times[i0])
+    cpu = float(samples[i1][2] - samples[i0][2])  # CPU of the processes in the window (all cores)
+    return {"steps": steps, "seconds": seconds, "cpu_s": cpu, "wall_s": float(times[-1] - t0)}
+
+
+def stop_all(procs: list) -> None:
+    """SIGTERM every live process, give each 20 s, then SIGKILL."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 class Run:
     """Some i-PI servers and their drivers; records (time, frames per trajectory) while they run. i-PI writes
     a dipole frame every ``stride`` steps (steps 0, K, 2K, ...): a finished run has steps // K + 1 frames."""
@@ -174,48 +220,12 @@ class Run:
         return self.procs[-1]
 
     def watch(self, xmls: list[Path], timeout: float = 1800.0) -> dict:
-        """Poll the dipole files until every trajectory has all its frames; steady-state rate from the
-        window where every one of them is running (past its first 10 steps after start-up to the first
-        finished). Steps = frames x stride."""
-        files = [x.parent / "md.dipole_0" for x in xmls]
-        need = self.frames_expected
-        t0 = time.monotonic()
-        samples = []
-        while True:
-            counts = [frames_written(f) for f in files]
-            samples.append((time.monotonic(), counts, cpu_seconds([p.pid for p in self.procs])))
-            if all(c >= need for c in counts):
-                break
-            if time.monotonic() - t0 > timeout:
-                raise RuntimeError(f"trajectories did not finish within {timeout} s: {counts} of {need} frames")
-            if any(p.poll() not in (None, 0) for p in self.procs):
-                bad = [p.args for p in self.procs if p.poll() not in (None, 0)]
-                raise RuntimeError(f"a process failed: {bad}; see {self.workdir}")
-            time.sleep(0.1)
-        times = np.array([s[0] for s in samples])
-        counts = np.array([s[1] for s in samples])
-        # steady window: every trajectory past its first 10 MD steps (the frame of step (n - 1) K), none finished
-        warm = np.all((counts - 1) * self.stride >= 10, axis=1)
-        done = np.any(counts >= need, axis=1)
-        i0 = int(np.argmax(warm))
-        i1 = int(np.argmax(done)) if done.any() else len(times) - 1
-        if i1 <= i0:
-            i0, i1 = 0, len(times) - 1
-        steps = float(self.stride * (counts[i1].sum() - counts[i0].sum()))
-        seconds = float(times[i1] - times[i0])
-        cpu = float(samples[i1][2] - samples[i0][2])  # CPU of our processes in the window (all cores)
-        return {"steps": steps, "seconds": seconds, "cpu_s": cpu, "wall_s": float(times[-1] - t0)}
+        """Poll the dipole files until every trajectory has all its frames (see :func:`watch_files`)."""
+        return watch_files(self.procs, [x.parent / "md.dipole_0" for x in xmls], self.frames_expected,
+                           self.stride, self.workdir, timeout)
 
     def stop(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self.procs)
 
 
 def one_by_one(workdir: Path, items, steps: int, models: Path, md) -> dict:

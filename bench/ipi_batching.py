@@ -38,12 +38,10 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import numpy as np
-
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
-from campaign_throughput import BIN, cpu_seconds, env, frames_written, prepare  # noqa: E402
+from campaign_throughput import BIN, env, prepare, stop_all, watch_files  # noqa: E402
 
 NULL_PES = BENCH / "_null_pes.py"
 
@@ -86,47 +84,10 @@ def combined_xml(xmls: list[Path], folder: Path, socket: str, batch: int, mode: 
     return out
 
 
-def watch(procs: list[subprocess.Popen], folder: Path, n_files: int, frames_needed: int, stride: int,
-          timeout: float = 1800.0) -> dict:
-    """Poll the dipole files under ``folder`` until each has its frames; the steady window runs from every
-    trajectory past its first 10 steps to the first one finished."""
-    t0 = time.monotonic()
-    samples, files = [], []
-    while True:
-        if len(files) < n_files:
-            files = sorted(folder.rglob("*dipole_0"))
-        counts = [frames_written(f) for f in files] + [0] * (n_files - len(files))
-        samples.append((time.monotonic(), counts, cpu_seconds([p.pid for p in procs])))
-        if all(c >= frames_needed for c in counts):
-            break
-        if time.monotonic() - t0 > timeout:
-            raise RuntimeError(f"not finished within {timeout} s: {counts} of {frames_needed} frames")
-        bad = [p.args for p in procs if p.poll() not in (None, 0)]
-        if bad:
-            raise RuntimeError(f"a process failed: {bad}; see {folder}")
-        time.sleep(0.1)
-    times = np.array([s[0] for s in samples])
-    counts = np.array([s[1] for s in samples])
-    warm = np.all((counts - 1) * stride >= 10, axis=1)
-    done = np.any(counts >= frames_needed, axis=1)
-    i0, i1 = int(np.argmax(warm)), int(np.argmax(done))
-    steps = float(stride * (counts[i1].sum() - counts[i0].sum()))
-    seconds = float(times[i1] - times[i0])
-    cpu = float(samples[i1][2] - samples[i0][2])
-    return {"system_steps_per_s": steps / seconds, "cpu_ms_per_system_step": 1e3 * cpu / steps,
-            "window_s": seconds, "wall_s": float(times[-1] - t0)}
-
-
-def _stop(procs):
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+def rates(window: dict) -> dict:
+    """Trajectory steps per wall second and CPU ms per trajectory step of a :func:`watch_files` window."""
+    return {"system_steps_per_s": window["steps"] / window["seconds"],
+            "cpu_ms_per_system_step": 1e3 * window["cpu_s"] / window["steps"], "window_s": window["seconds"]}
 
 
 def run_many(workdir: Path, n: int, steps: int, stride: int, timestep_fs: float) -> dict:
@@ -138,9 +99,9 @@ def run_many(workdir: Path, n: int, steps: int, stride: int, timestep_fs: float)
     time.sleep(1.0)
     procs += [_client(s, x.parent / "client.log") for s, x in zip(sockets, xmls)]
     try:
-        return watch(procs, folder, n, steps // stride + 1, stride)
+        return rates(watch_files(procs, [x.parent / "md.dipole_0" for x in xmls], steps // stride + 1, stride, folder))
     finally:
-        _stop(procs)
+        stop_all(procs)
 
 
 def run_grouped(workdir: Path, n: int, groups: int, steps: int, stride: int, timestep_fs: float,
@@ -158,11 +119,13 @@ def run_grouped(workdir: Path, n: int, groups: int, steps: int, stride: int, tim
     procs = [_ipi(x) for x in xmls]
     time.sleep(1.0)
     procs += [_client(s, x.parent / "client.log", shm=(mode == "shm")) for s, x in zip(sockets, xmls)]
+    # i-PI prefixes each system's outputs with the system's prefix
+    files = [x.parent / f"s{k}_md.dipole_0" for x in xmls for k in range(size)]
     try:
-        result = watch(procs, folder, groups * size, steps // stride + 1, stride)
+        result = rates(watch_files(procs, files, steps // stride + 1, stride, folder))
     finally:
-        _stop(procs)
-    for x in xmls:
+        stop_all(procs)
+    for x in xmls if size > 1 else []:   # a batch of 1 is i-PI's plain protocol
         if f"batch of {size} structures" not in (x.parent / "client.log").read_text():
             raise RuntimeError(f"the client never received a batch of {size}: see {x.parent / 'client.log'}")
     return result

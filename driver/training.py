@@ -610,14 +610,13 @@ def train_committee(data, out_dir, cfg: TrainConfig | None = None, executor=None
         dm.load_state_dict(_stack([r["state"] for r in dipole_states]))
     committee = Committee(mcfg, em.eval(), dm.eval() if dm is not None else None, np.asarray(shift, float))
     committee.to(device=device)  # calibration and error tables where it trained; saved from CPU copies
-    if cfg.hold_out:
-        committee.calibration = calibrate(committee, val_frames)
-    elif warm is not None and cfg.warm_start:
+    if not cfg.hold_out and warm is not None and cfg.warm_start:
         committee.calibration = dict(warm.calibration)
     else:
+        if not cfg.hold_out:
+            print("note: hold_out off without a warm start: calibrated on frames the members trained on, so the "
+                  "factors are optimistic", flush=True)
         committee.calibration = calibrate(committee, val_frames)
-        print("note: hold_out off without a warm start: calibrated on frames the members trained on, so the "
-              "factors are optimistic", flush=True)
     committee.metadata = {
         "n_train": len(train_frames), "n_validation": len(val_frames), "seconds": time.time() - t0,
         "validation_seen": not cfg.hold_out,
