@@ -32,7 +32,9 @@ Keys (``--json``): ``pbe0_labels``, ``final_harmonic_mae_cm-1``, ``final_harmoni
 ``wall_hours``, ``pbe0_vs_orca_P2_frequency_mae_cm-1`` (the loop's PySCF P2 reference frequencies against the
 paper's ORCA 5 run in ``../shared/data/orca_P2/``, vibrational modes only, sorted), and with ``--transfer``
 ``pbe0_labels_ratio_transfer_vs_scratch``, ``transfer_labels``, ``transfer_scratch_harmonic_mae_cm-1``,
-``transfer_finetune_harmonic_mae_cm-1``; plus the learning curve (``labels``, ``harmonic_mae_cm-1``, ...).
+``transfer_finetune_harmonic_mae_cm-1``, and ``pbe0_labels_ratio_transfer_vs_scratch_at_scratch_best``: the same
+ratio at the best MAE that training from scratch reaches (``transfer_scratch_best_cm-1``, with
+``transfer_n_scratch_best`` labels), for when it never gets to 2.0 within the run's labels; plus the learning curve (``labels``, ``harmonic_mae_cm-1``, ...).
 
 ``--smoke``: the plumbing only, ~6.5 min here: P1, no reference relaxation (the structure file's geometry), 2
 labels per step (the minimum + 1 normal-mode structure; 2 temperatures x 1 frame), 1 iteration, tiny training;
@@ -170,6 +172,19 @@ def labels_to_reach(ns, maes, target: float = TARGET_CM) -> tuple[float, str]:
     return float("nan"), f"never reaches {target:g} cm^-1 up to n={max(ns)} ({best})"
 
 
+def common_level(ns, scratch, tuned) -> tuple[float, float, float, float]:
+    """The same ratio at an accuracy both arms reach, for when training from scratch never gets to the
+    target within the run's labels: the scratch curve's best MAE, the n where it got there, the n at which
+    fine-tuning first reaches it (interpolated as in :func:`labels_to_reach`), and their ratio (NaN when
+    there is no finite scratch point)."""
+    finite = [(m, n) for n, m in zip(ns, scratch) if math.isfinite(m)]
+    if not finite:
+        return (float("nan"),) * 4
+    level, n_level = min(finite)
+    n_tuned, _ = labels_to_reach(ns, tuned, level)
+    return float(level), float(n_level), n_tuned, n_tuned / n_level
+
+
 def transfer_study(workdir: Path, cfg, pretrained: Path, counts, epochs: int | None) -> dict:
     """Scratch vs fine-tune on the first n labels, for each n; committees and results cached in WORKDIR/transfer."""
     import dataclasses
@@ -217,11 +232,15 @@ def transfer_study(workdir: Path, cfg, pretrained: Path, counts, epochs: int | N
         ratio = float("nan")
         if math.isnan(n_scratch) and not math.isnan(n_tuned):
             reason += f"; the ratio is below {n_tuned / max(ns):.2f}"
+    level, n_level, n_level_tuned, level_ratio = common_level(ns, curves["scratch"], curves["finetune"])
     return {"transfer_labels": ns, "transfer_scratch_harmonic_mae_cm-1": curves["scratch"],
             "transfer_finetune_harmonic_mae_cm-1": curves["finetune"],
             "transfer_n_to_target_scratch": n_scratch, "transfer_n_to_target_finetune": n_tuned,
             "transfer_target_cm-1": TARGET_CM, "transfer_epochs": base.epochs,
             "pbe0_labels_ratio_transfer_vs_scratch": ratio, "pbe0_labels_ratio_transfer_vs_scratch_reason": reason,
+            "pbe0_labels_ratio_transfer_vs_scratch_at_scratch_best": level_ratio,
+            "transfer_scratch_best_cm-1": level, "transfer_n_scratch_best": n_level,
+            "transfer_n_finetune_to_scratch_best": n_level_tuned,
             "transfer_pretrained": str(pretrained), "transfer_details": cache}
 
 
@@ -345,6 +364,12 @@ def main(argv=None) -> int:
               f"scratch {_f(transfer['transfer_n_to_target_scratch'], 1)}; ratio "
               f"{_f(ratio, 3) if math.isfinite(ratio) else 'NaN'} (target <= 0.5): "
               f"{transfer['pbe0_labels_ratio_transfer_vs_scratch_reason']}")
+        level = transfer["transfer_scratch_best_cm-1"]
+        if math.isfinite(level):
+            upper = transfer["transfer_n_finetune_to_scratch_best"] == min(transfer["transfer_labels"])
+            print(f"at the best level scratch reaches ({level:.2f} cm^-1 with n={transfer['transfer_n_scratch_best']:g}): "
+                  f"fine-tune needs n={transfer['transfer_n_finetune_to_scratch_best']:.1f}, ratio "
+                  f"{'<= ' if upper else ''}{transfer['pbe0_labels_ratio_transfer_vs_scratch_at_scratch_best']:.3f}")
     print(f"report: {workdir / 'report.csv'}; learning curve: {workdir / 'learning_curve.png'}; models: {final_models}")
 
     if args.json:

@@ -143,6 +143,12 @@ def test_transfer_study_interpolates_the_labels_to_reach_the_target():
     assert n == 25.0 and "upper bound" in why
     n, why = bench.labels_to_reach([25, 50, 100], [9.0, float("nan"), 4.0])
     assert np.isnan(n) and "never reaches 2 cm^-1 up to n=100 (best 4.00 cm^-1 at n=100)" in why
+    # scratch never reaches 2.0: the ratio at the best level it does reach (6.66 at n=159; fine-tuning
+    # crosses 6.66 between 25 and 50)
+    level, n_level, n_tuned, ratio = bench.common_level([25, 50, 100, 159], [22.7, 13.4, 10.1, 6.66],
+                                                        [7.73, 5.0, 2.96, 2.56])
+    assert (level, n_level) == (6.66, 159.0)
+    assert n_tuned == pytest.approx(25 + (7.73 - 6.66) / (7.73 - 5.0) * 25) and ratio == pytest.approx(n_tuned / 159)
     from driver.data import Frame
 
     frames = [Frame(np.array([8]), np.zeros((1, 3)), 0.0, np.zeros((1, 3)), None, cluster=c, hash=f"{c}{i}")
