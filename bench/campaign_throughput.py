@@ -42,9 +42,11 @@ from the dipole files i-PI writes (one frame every K_d steps: frames x K_d = ste
 steps/s x time step x 3600.
 
 The estimates: the paper's production (20 clusters P1-P10, O1-O10 x 3 temperatures x 40 ps, with the time
-step and the other settings in use) = sum over clusters of steps x model seconds per step (batches of 8 copies, 1 core) /
-(efficiency x drivers), efficiency = the fraction of its ceiling the best batched set-up reached on the mixed
-set (P2x8 when mixed was skipped), drivers = that set-up's; the 25-run ensembles of the paper's Fig. 6 (P2 at
+step and the other settings in use) = the 60 trajectories scheduled as the runner does (``estimate_seconds``: the
+queue by size, the default campaign's workers, each trajectory on the driver whose trajectories are closest in
+size; a driver's pass costs the model seconds per step of its trajectories, batches of 8 copies, 1 core, /
+efficiency; the campaign ends with its busiest driver), efficiency = the fraction of its ceiling the best
+batched set-up reached on the mixed set (P2x8 when mixed was skipped), drivers = that set-up's; the 25-run ensembles of the paper's Fig. 6 (P2 at
 400 K) from the P2x8 rate (``fig6_25_runs_hours_estimate``), plus 25 runs of every cluster and temperature.
 
 The slice (unless ``--skip-slice``): a real campaign (``al_manager.campaign.runner.run_campaign``) of P1-P5
@@ -428,9 +430,39 @@ def run_slice(cfg, log_path: Path) -> dict:
     return {"measured_s": seconds, "counts": summary.get("counts", {}), "throughput": summary.get("throughput", {})}
 
 
-def estimate_seconds(names, steps: int, per_step: dict, efficiency: float, drivers: int) -> float:
-    """The production estimate: sum over trajectories of steps x model seconds per step / (efficiency x drivers)."""
-    return sum(steps * per_step[n] / (efficiency * drivers) for n in names)
+def estimate_seconds(names, steps: int, per_step: dict, efficiency: float, drivers: int, workers: int,
+                     sizes: dict) -> float:
+    """The campaign's wall seconds as the runner schedules it (``al_manager.campaign.runner``): ``names`` is
+    the queue (one trajectory each, in its order), ``workers`` run at once, each started on the driver that
+    the runner's :func:`~al_manager.campaign.runner.pick_driver` gives (``sizes``: atom counts).
+    A driver's pass advances each of its trajectories one step and costs the sum of their model seconds per
+    step (``per_step``) / ``efficiency``. Drivers run side by side, so the campaign ends with its busiest
+    one: for equal blocks this is steps x model seconds / (efficiency x drivers); when one driver holds the
+    larger clusters, its block sets the time and the other's core idles at the end."""
+    from al_manager.campaign.runner import pick_driver
+
+    queue = list(names)
+    active: list[list[list]] = [[] for _ in range(drivers)]      # per driver: [name, steps left]
+    clock = 0.0
+
+    def start():
+        while queue and sum(map(len, active)) < workers:
+            d = pick_driver([[sizes[a[0]] for a in block] for block in active], sizes[queue[0]], workers)
+            active[d].append([queue.pop(0), float(steps)])
+
+    start()
+    while any(active):
+        pass_s = [sum(per_step[a[0]] for a in block) / efficiency for block in active]
+        # the next trajectory to finish, on whichever driver
+        dt = min(min(a[1] for a in block) * t for block, t in zip(active, pass_s) if block)
+        clock += dt
+        for d, block in enumerate(active):
+            if block:
+                for a in block:
+                    a[1] -= dt / pass_s[d]
+                active[d] = [a for a in block if a[1] > 1e-6 * steps]
+        start()
+    return clock
 
 
 def parse_fs(text: str):
@@ -444,7 +476,9 @@ def parse_fs(text: str):
 
 
 def main(argv=None) -> int:
-    from al_manager.campaign.config import MDSettings
+    from ase.io import read
+
+    from al_manager.campaign.config import MDSettings, RunSettings
 
     defaults = MDSettings()
     parser = argparse.ArgumentParser(prog="campaign_throughput.py", description=__doc__.split("\n\n")[0])
@@ -537,6 +571,7 @@ def main(argv=None) -> int:
 
         parts = per_size_cost(committee)
         per_step = {n: step_seconds(p, kd, kc) for n, p in parts.items()}
+        sizes = {n: len(read(structure(n))) for n in parts}
 
         cores = os.cpu_count() or 1
         rows, figures = [], {}
@@ -579,7 +614,7 @@ def main(argv=None) -> int:
                   f"{args.slice_ps:g} ps ({steps} steps) each, {cfg.run.workers} workers, {slice_drivers} driver(s) "
                   f"-> {cfg.output}", flush=True)
             ran = run_slice(cfg, workdir / "slice.log")
-            est = estimate_seconds(names, steps, per_step, slice_eff, slice_drivers)
+            est = estimate_seconds(names, steps, per_step, slice_eff, slice_drivers, cfg.run.workers, sizes)
             md_steps = ran["throughput"].get("md_steps")
             slice_out = {"clusters": names, "temperature_K": SLICE_TEMPERATURE, "production_ps": args.slice_ps,
                          "steps_per_trajectory": steps, "workers": cfg.run.workers, "drivers": slice_drivers,
@@ -631,7 +666,11 @@ def main(argv=None) -> int:
     # (model seconds per MD step with the settings, batches of 8, 1 core) x (the fraction of its ceiling the
     # best set-up reached on the mixed set; P2x8 when mixed was skipped).
     steps_per_run = int(round(PAPER_PS * 1000.0 / md.timestep_fs))
-    hours = PAPER_TEMPERATURES * estimate_seconds(PAPER_CLUSTERS, steps_per_run, per_step, eff, n_drivers) / 3600.0
+    # the default campaign's queue (by size) and workers; its drivers are the best set-up's
+    paper_queue = sorted((n for n in PAPER_CLUSTERS for _ in range(PAPER_TEMPERATURES)),
+                         key=lambda n: (sizes[n], PAPER_CLUSTERS.index(n)))
+    hours = estimate_seconds(paper_queue, steps_per_run, per_step, eff, n_drivers, RunSettings().workers,
+                             sizes) / 3600.0
     out["paper_production_hours_estimate"] = round(hours, 2)
     out["fig6_25_runs_hours_estimate"] = round(25 * PAPER_PS / p2["ps_per_hour_best"], 2)
     out["all_clusters_25_runs_hours_estimate"] = round(25 * hours, 1)

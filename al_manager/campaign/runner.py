@@ -231,6 +231,20 @@ class TrajectoryRun:
 
 
 # ---------------------------------------------------------------------- drivers
+def pick_driver(sizes: list[list[int]], n_atoms: int, workers: int) -> int:
+    """Which driver a new trajectory of ``n_atoms`` goes to, given the atom counts of each driver's running
+    trajectories: one with room (``ceil(workers / drivers)`` each) whose trajectories are closest in size,
+    so a driver's passes need little padding; among equals the one with more of them, then the first."""
+    capacity = -(-workers // len(sizes))
+
+    def key(d):
+        here = sizes[d]
+        if len(here) >= capacity:
+            return (1, 0.0, 0)
+        return (0, abs(float(np.mean(here)) - n_atoms) if here else 0.0, -len(here))
+    return min(range(len(sizes)), key=key)
+
+
 class DriverProcess:
     """A ``python -m driver.ipi.batch_server --control -`` child; its events land in a shared queue."""
 
@@ -473,15 +487,8 @@ class CampaignRunner:
         """A driver with room (workers / drivers each) whose trajectories are closest in size to ``run``:
         similar sizes share a driver, so its passes need little padding (with the by-size queue this deals
         out contiguous blocks of sizes, as bench/campaign_throughput.py does)."""
-        capacity = -(-self.config.run.workers // len(drivers))
-
-        def key(driver):
-            sizes = [a.run.n_atoms for a in active.values() if a.driver is driver]
-            if len(sizes) >= capacity:
-                return (1, 0.0, 0)
-            distance = abs(float(np.mean(sizes)) - run.n_atoms) if sizes else 0.0
-            return (0, distance, -len(sizes))
-        return min(drivers, key=key)
+        sizes = [[a.run.n_atoms for a in active.values() if a.driver is driver] for driver in drivers]
+        return drivers[pick_driver(sizes, run.n_atoms, self.config.run.workers)]
 
     @property
     def _drivers_dir(self) -> Path:
