@@ -35,6 +35,17 @@ def cluster(name: str) -> Path:
     return shared_file("structures", name).resolve()
 
 
+def bench_module(name: str):
+    """A script of bench/ as a module (its functions under test)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def untrained_committee(folder: Path) -> Path:
     """A small untrained 3 + 2 member committee saved in ``folder``: for plumbing and units, not physics."""
     from driver.models.committee import ModelConfig, build_committee, save_committee

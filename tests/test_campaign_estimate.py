@@ -2,20 +2,10 @@
 does (its pick_driver rule), so its figure and the measured slice describe the same campaign."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from al_manager.campaign.runner import pick_driver
-
-
-def _bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "campaign_throughput.py"
-    spec = importlib.util.spec_from_file_location("campaign_throughput", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import bench_module
 
 
 def test_pick_driver_keeps_similar_sizes_together_within_capacity():
@@ -28,7 +18,7 @@ def test_pick_driver_keeps_similar_sizes_together_within_capacity():
 
 
 def test_estimate_is_the_closed_form_for_equal_blocks_and_the_busiest_driver_otherwise():
-    bench = _bench()
+    bench = bench_module("campaign_throughput")
     cost = {"A": 1e-3, "B": 3e-3}
     sizes = {"A": 10, "B": 30}
     # 8 equal trajectories, 2 drivers, all at once: steps x cost x 8 / (efficiency x 2)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shared_file
+from conftest import bench_module, shared_file
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -125,18 +125,8 @@ pretrained = "{xtb_committee}"
     assert nxt.pretrained is None and nxt.warm_start.endswith("iter_000")
 
 
-def _bench():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "pbe0_efficiency.py"
-    spec = importlib.util.spec_from_file_location("pbe0_efficiency", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_transfer_study_interpolates_the_labels_to_reach_the_target():
-    bench = _bench()
+    bench = bench_module("pbe0_efficiency")
     n, why = bench.labels_to_reach([25, 50, 100, 200], [6.0, 3.0, 1.0, 0.8])
     assert n == pytest.approx(75.0) and "between n=50 and n=100" in why
     n, why = bench.labels_to_reach([25, 50], [1.5, 1.0])
