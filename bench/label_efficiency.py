@@ -129,6 +129,9 @@ def main(argv=None) -> int:
     p.add_argument("--control", action="store_true",
                    help="also retrain, with the same warm-start chain and as many rounds, on the initial "
                         "(normal-mode) labels only: separates the gain from new labels from that of more training")
+    p.add_argument("--cutoff", type=float, default=None, metavar="Å",
+                   help="the energy model's cutoff radius, [train] model.cutoff (default the model's; its own "
+                        "work directory label_efficiency_cutoffX)")
     args = p.parse_args(argv)
 
     missing = [f for f in CLUSTERS.values() if not (DATA / f).is_file()]
@@ -136,7 +139,8 @@ def main(argv=None) -> int:
         print(f"label_efficiency: reference structures not available ({DATA}/{missing[0]}): skipped",
               file=sys.stderr)
         return 2
-    workdir = (args.workdir or REPO / "bench" / "results" / f"label_efficiency{'_quick' if args.quick else ''}").resolve()
+    name = f"label_efficiency{'_quick' if args.quick else ''}{f'_cutoff{args.cutoff:g}' if args.cutoff else ''}"
+    workdir = (args.workdir or REPO / "bench" / "results" / name).resolve()
     if args.fresh and workdir.exists():
         shutil.rmtree(workdir)
 
@@ -146,6 +150,8 @@ def main(argv=None) -> int:
     raw = settings(args.quick, workdir)
     if args.iterations is not None:
         raw["stopping"]["max_iterations"] = args.iterations
+    if args.cutoff is not None:
+        raw["train"]["model"] = {"cutoff": args.cutoff}
     cfg = parse_config(raw, base_dir=REPO)
     t0 = time.time()
     try:
