@@ -6,7 +6,7 @@ Runs the real loop (``al_manager.learning.loop``: normal-mode + FPS initial data
 ``bench/results/`` and reads its ``report.csv``. The baseline of the same run is iteration 0, the committee
 trained on the normal-mode data alone: the table gives each iteration's MAE as a ratio to it.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/label_efficiency.py [--quick] [--control] [--json out.json]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/label_efficiency.py [--quick] [--control] [--cutoff Å] [--json out.json]
 
 ``--quick``: 2 temperatures (400, 800 K), 1 ps of MD per run and iteration, 3 iterations (``--iterations``
 to change), 150 epochs (~20-30 min on 2 cores). The full setting: 4 temperatures (100-1200 K), dense
@@ -16,7 +16,8 @@ the last row of ``report.csv``: the row ``final``, a polish of the last iteratio
 (``[stopping] final_epochs``, ``final_from = "last"``) on every label (``final_hold_out = false``).
 A rerun with the same settings resumes the work directory (``--fresh`` starts over). ``--control`` adds a
 second baseline: the same warm-start chain of retrainings on the initial labels only, since part of any
-gain can come from the extra training rather than the new labels. Writes a table, ``label_efficiency.png``
+gain can come from the extra training rather than the new labels. ``--cutoff`` changes the energy
+model's cutoff radius (``[train] model.cutoff``), in a work directory of its own. Writes a table, ``label_efficiency.png``
 and, with ``--json``, the keys of issue 12: ``labels`` and ``harmonic_mae_cm-1`` (lists, one entry per
 row of ``report.csv``), ``final_harmonic_mae_cm-1``, ``final_harmonic_rmse_cm-1``, ``final_labels``,
 ``wall_hours``, ``final_models``, and the test set's ``test_energy_mae_meV_per_atom``,
