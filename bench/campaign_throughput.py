@@ -476,9 +476,7 @@ def parse_fs(text: str):
 
 
 def main(argv=None) -> int:
-    from ase.io import read
-
-    from al_manager.campaign.config import MDSettings, RunSettings
+    from al_manager.campaign.config import MDSettings, RunSettings, n_atoms
 
     defaults = MDSettings()
     parser = argparse.ArgumentParser(prog="campaign_throughput.py", description=__doc__.split("\n\n")[0])
@@ -571,7 +569,7 @@ def main(argv=None) -> int:
 
         parts = per_size_cost(committee)
         per_step = {n: step_seconds(p, kd, kc) for n, p in parts.items()}
-        sizes = {n: len(read(structure(n))) for n in parts}
+        sizes = {n: n_atoms(structure(n)) for n in parts}
 
         cores = os.cpu_count() or 1
         rows, figures = [], {}

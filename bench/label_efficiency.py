@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         print(f"label_efficiency: reference structures not available ({DATA}/{missing[0]}): skipped",
               file=sys.stderr)
         return 2
-    name = f"label_efficiency{'_quick' if args.quick else ''}{f'_cutoff{args.cutoff:g}' if args.cutoff else ''}"
+    name = f"label_efficiency{'_quick' if args.quick else ''}{f'_cutoff{args.cutoff:g}' if args.cutoff is not None else ''}"
     workdir = (args.workdir or REPO / "bench" / "results" / name).resolve()
     if args.fresh and workdir.exists():
         shutil.rmtree(workdir)

@@ -484,9 +484,8 @@ class CampaignRunner:
             self._progress({}, self._stats["wall_s"], final=True)
 
     def _pick_driver(self, drivers: list[DriverProcess], active: dict[str, "Active"], run: TrajectoryRun):
-        """A driver with room (workers / drivers each) whose trajectories are closest in size to ``run``:
-        similar sizes share a driver, so its passes need little padding (with the by-size queue this deals
-        out contiguous blocks of sizes, as bench/campaign_throughput.py does)."""
+        """The driver for ``run`` by :func:`pick_driver` (bench/campaign_throughput.py's estimate follows the
+        same rule)."""
         sizes = [[a.run.n_atoms for a in active.values() if a.driver is driver] for driver in drivers]
         return drivers[pick_driver(sizes, run.n_atoms, self.config.run.workers)]
 
