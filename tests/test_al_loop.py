@@ -647,7 +647,7 @@ def test_sampling_runs_as_parsl_tasks_and_a_killed_worker_is_retried(tmp_path, s
     assert retried >= 1, "the killed worker's task was not retried"
     for name in ("P1_500K", "O1_500K"):
         run = record["runs"][name]
-        assert run["status"] == "done" and run["frames"] == 3, (run, lines[-10:])
+        assert run["status"] == "done" and run["frames"] == 3, (run.get("reason"), run, lines)
     assert sorted(f["run"] for f in record["frames"]) == ["O1_500K"] * 3 + ["P1_500K"] * 3
     assert any("O1_500K flagged" in line for line in lines)
     # the retried task's i-PI wrote the run's checkpoint for the next iteration
@@ -655,6 +655,60 @@ def test_sampling_runs_as_parsl_tasks_and_a_killed_worker_is_retried(tmp_path, s
     deadline = time.monotonic() + 30   # the session's worker pool exits a moment after its end
     while leftover_processes(tmp_path / "wd", state.token) and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert leftover_processes(tmp_path / "wd", state.token) == []
+
+
+_SQUATTER = """
+import signal, socket, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a dying i-PI that does not go at once
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1])
+s.listen(1)
+time.sleep(300)
+"""
+
+
+@pytest.mark.slow
+def test_a_retried_sampling_task_ends_the_earlier_try_still_holding_the_socket(tmp_path, small_config):
+    """A retried run_pair task on the node where the earlier try's i-PI lives on (its worker was SIGKILLed;
+    that i-PI got SIGTERM but still holds the run's UNIX socket): the task ends it, removes the socket
+    file i-PI would refuse to bind over, and the run delivers its frames."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from al_manager.learning.sampling import Sampler, SamplingSettings, plan_runs
+    from al_manager.learning.state import State
+    from al_manager.processes import OWNER_ENV
+    from driver.models.committee import build_committee, save_committee
+    from ipi_inputs.files import SOCKETS_PREFIX
+
+    models = tmp_path / "models"
+    save_committee(build_committee(small_config, n_members=2, n_dipole=0, seed=1), models)
+    state = State.load(tmp_path / "wd", create=True)
+    squatters = []
+
+    class EarlierTryStillThere(ThreadPoolExecutor):
+        def submit(self, fn, run_dir, ipi_argv, driver_argv, env, attempt, exit_grace_s, partner_grace_s,
+                   socket_name):
+            path = SOCKETS_PREFIX + socket_name
+            squatters.append(subprocess.Popen([sys.executable, "-c", _SQUATTER, path], cwd=run_dir,
+                                              env={**os.environ, OWNER_ENV: state.token}))
+            deadline = time.monotonic() + 30
+            while not os.path.exists(path) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert os.path.exists(path)
+            return super().submit(fn, run_dir, ipi_argv, driver_argv, env, attempt, exit_grace_s,
+                                  partner_grace_s, socket_name)
+
+    settings = SamplingSettings(max_md_ps=0.2, timestep_fs=1.0, energy_threshold=1e-6, frames_per_run=2,
+                                mpi_ranks=1, exit_grace_s=3.0)
+    lines = []
+    with _owner(state), EarlierTryStillThere(max_workers=1) as pool:
+        record = Sampler(state, 1, plan_runs({"P1": str(shared_file("structures", "pyroxene_N01_GM.xyz"))}, [500]),
+                         models, tmp_path / "wd" / "it1", settings, log=lines.append, executor=pool,
+                         slots=1).run()
+    run = record["runs"]["P1_500K"]
+    assert run["status"] == "done" and run["frames"] == 2, (run.get("reason"), lines)
+    assert squatters[0].wait(timeout=10) == -signal.SIGKILL  # it ignored SIGTERM for the whole grace
     assert leftover_processes(tmp_path / "wd", state.token) == []
 
 

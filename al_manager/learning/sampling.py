@@ -41,7 +41,8 @@ from ase import Atoms
 from driver.geometry_checks import drifted
 from ipi_inputs.files import SOCKETS_PREFIX
 
-from al_manager.processes import cwd_is, die_with_parent, end_processes, executable, signal_group_or_pid, tagged_processes
+from al_manager.processes import (OWNER_ENV, cwd_is, die_with_parent, end_processes, executable,
+                                  signal_group_or_pid, tagged_processes)
 
 from .state import State
 
@@ -260,7 +261,7 @@ KILL_FILE = "KILL"        # created by the manager: the task ends both processes
 
 
 def run_pair(run_dir: str, ipi_argv: list[str], driver_argv: list[str], env: dict, attempt: int,
-             exit_grace_s: float, partner_grace_s: float) -> dict:
+             exit_grace_s: float, partner_grace_s: float, socket_name: str) -> dict:
     """One sampling run's i-PI and ``nanosil-driver`` on the node of a Parsl worker (the ``sampling``
     pool), over a UNIX socket of that node, supervised as the manager supervises a local pair: after
     i-PI's ``EXIT`` file appears (the manager's request) i-PI gets ``exit_grace_s``, after one process ended
@@ -268,8 +269,10 @@ def run_pair(run_dir: str, ipi_argv: list[str], driver_argv: list[str], env: dic
     manager's collector itself; the manager asks for the end through files in the shared run folder
     (``EXIT``, :data:`KILL_FILE`), so a task needs nothing but a shared file system and the flag endpoint.
 
-    A retried task (its worker or node died) starts the run again from its inputs: the outputs of the
-    earlier try are removed first. A task whose folder no longer belongs to ``attempt`` (a resumed manager
+    A retried task (its worker or node died) starts the run again from its inputs: the earlier try's
+    pair, if it still runs on this node, is ended and its UNIX socket ``socket_name`` removed (i-PI refuses
+    to bind over a socket file, and a dying i-PI unlinks the path on its way out), then the outputs of the
+    earlier try are removed. A task whose folder no longer belongs to ``attempt`` (a resumed manager
     started the run again) ends at once. Returns ``{"ipi": rc, "driver": rc, "host": ..., "ended": why}``;
     the programs in the commands are names, found here on the worker (:func:`executable`)."""
     import json
@@ -289,6 +292,13 @@ def run_pair(run_dir: str, ipi_argv: list[str], driver_argv: list[str], env: dic
     record = task()
     if record.get("attempt") != attempt:
         return {"ipi": -1, "driver": -1, "host": _socket.gethostname(), "ended": "run folder taken over"}
+    # the dead worker's pair got SIGTERM from die_with_parent but may still be shutting down
+    token = env.get(OWNER_ENV)
+    earlier = [p for p in tagged_processes(token) if cwd_is(p, folder)] if token else []
+    end_processes(earlier, grace=exit_grace_s)
+    stale = Path(SOCKETS_PREFIX + socket_name)
+    if stale.exists() or stale.is_symlink():
+        stale.unlink()
     inputs = set(record["inputs"]) | {TASK_FILE}
     for path in folder.iterdir():  # an earlier try of this task: start from the inputs again
         if path.name not in inputs:
@@ -445,13 +455,11 @@ class Sampler:
         if self.executor is not None:
             import json
 
-            from al_manager.processes import OWNER_ENV
-
             (run_dir / TASK_FILE).write_text(json.dumps({"attempt": rec["attempt"],
                                                          "inputs": sorted(p.name for p in run_dir.iterdir())}))
             future = self.executor.submit(run_pair, str(run_dir.resolve()), ipi_argv, driver_argv,
                                           {OWNER_ENV: self.state.token, "OMP_NUM_THREADS": "1"}, rec["attempt"],
-                                          s.exit_grace_s, s.partner_grace_s)
+                                          s.exit_grace_s, s.partner_grace_s, socket_name)
             live = _Live(spec, run_dir, run_id, socket_name, quota, _TaskProcess(future, "ipi"),
                          _TaskProcess(future, "driver"))
         else:
