@@ -702,10 +702,16 @@ def test_a_retried_sampling_task_ends_the_earlier_try_still_holding_the_socket(t
     settings = SamplingSettings(max_md_ps=0.2, timestep_fs=1.0, energy_threshold=1e-6, frames_per_run=2,
                                 mpi_ranks=1, exit_grace_s=3.0)
     lines = []
-    with _owner(state), EarlierTryStillThere(max_workers=1) as pool:
-        record = Sampler(state, 1, plan_runs({"P1": str(shared_file("structures", "pyroxene_N01_GM.xyz"))}, [500]),
-                         models, tmp_path / "wd" / "it1", settings, log=lines.append, executor=pool,
-                         slots=1).run()
+    try:
+        with _owner(state), EarlierTryStillThere(max_workers=1) as pool:
+            record = Sampler(state, 1, plan_runs({"P1": str(shared_file("structures", "pyroxene_N01_GM.xyz"))},
+                                                 [500]),
+                             models, tmp_path / "wd" / "it1", settings, log=lines.append, executor=pool,
+                             slots=1).run()
+    finally:
+        for squatter in squatters:   # never left behind, also when the run failed
+            if squatter.poll() is None:
+                squatter.kill()
     run = record["runs"]["P1_500K"]
     assert run["status"] == "done" and run["frames"] == 2, (run.get("reason"), lines)
     assert squatters[0].wait(timeout=10) == -signal.SIGKILL  # it ignored SIGTERM for the whole grace
