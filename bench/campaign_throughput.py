@@ -24,7 +24,8 @@ member; untrained weights unless --models is given: the cost does not depend on 
   the baseline always propagates on the committee mean (the whole committee every step), with the dipole
   stride of the settings;
 - ``batched 1x1``: every trajectory's i-PI at once, one ``driver.ipi.batch_server`` (1 torch thread) serving all;
-- ``batched 2x1``: the same trajectories split over two batch servers of 1 torch thread each;
+- ``batched 2x1``: the same trajectories split over two batch servers of 1 torch thread each, as the campaign
+  runner splits them (:func:`split`);
 - ``ceiling``: the model alone, ``Committee.predict_batch`` over the same structures grouped as the batch
   server groups them (no i-PI, no sockets): the speed no MD set-up can beat.
 
@@ -43,8 +44,8 @@ steps/s x time step x 3600.
 
 The estimates: the paper's production (20 clusters P1-P10, O1-O10 x 3 temperatures x 40 ps, with the time
 step and the other settings in use) = the 60 trajectories scheduled as the runner does (``estimate_seconds``: the
-queue by size, the default campaign's workers, each trajectory on the driver whose trajectories are closest in
-size; a driver's pass costs the model seconds per step of its trajectories, batches of 8 copies, 1 core, /
+queue by size, largest first, the default campaign's workers, each trajectory on the driver the runner's
+``pick_driver`` gives; a driver's pass costs the model seconds per step of its trajectories, batches of 8 copies, 1 core, /
 efficiency; the campaign ends with its busiest driver), efficiency = the fraction of its ceiling the best
 batched set-up reached on the mixed set (P2x8 when mixed was skipped), drivers = that set-up's; the 25-run ensembles of the paper's Fig. 6 (P2 at
 400 K) from the P2x8 rate (``fig6_25_runs_hours_estimate``), plus 25 runs of every cluster and temperature.
@@ -265,8 +266,8 @@ def batched(workdir: Path, items, steps: int, models: Path, drivers: int, thread
         t_start = time.monotonic()
         for xml in run.xmls:
             run.start_ipi(xml)
-        # similar sizes share a server: sort by size, deal contiguous blocks
-        for d, block in enumerate(blocks([name for name, _ in items], drivers)):
+        # the drivers get the trajectories as the campaign runner would give them
+        for d, block in enumerate(split([name for name, _ in items], drivers)):
             targets = []
             for k in block:
                 targets += ["--target", f"{run.sockets[k]}={structure(items[k][0])}"]
@@ -286,12 +287,18 @@ def batched(workdir: Path, items, steps: int, models: Path, drivers: int, thread
             "wall_s": r["wall_s"], "driver": stats}
 
 
-def blocks(names: list[str], drivers: int) -> list[list[int]]:
-    """How the batched runs split trajectories over drivers: sorted by size, contiguous blocks."""
-    from ase.io import read
+def split(names: list[str], drivers: int) -> list[list[int]]:
+    """How the batched runs split trajectories over drivers: as the campaign runner would start them all at
+    once, in its queue order (:func:`~al_manager.campaign.config.by_size`), each on the driver that its
+    :func:`~al_manager.campaign.runner.pick_driver` gives."""
+    from al_manager.campaign.config import by_size, n_atoms
+    from al_manager.campaign.runner import pick_driver
 
-    order = sorted(range(len(names)), key=lambda k: (len(read(structure(names[k]))), k))
-    return [order[d * len(order) // drivers:(d + 1) * len(order) // drivers] for d in range(drivers)]
+    sizes = [n_atoms(structure(n)) for n in names]
+    out: list[list[int]] = [[] for _ in range(drivers)]
+    for k in by_size(sizes):
+        out[pick_driver([[sizes[i] for i in block] for block in out], sizes[k], len(names))].append(k)
+    return out
 
 
 # ---------------------------------------------------------------------- the model's cost
@@ -335,8 +342,8 @@ def batch_parts(committee, member0, numbers, positions, groups, repeats: int) ->
 def ceiling(committee, names: list[str], md, repeats: int = 5) -> dict:
     """The model alone (no i-PI, no sockets), 1 torch thread: structures per second through predict_batch,
     grouped as the batch server groups them, with the dipole stride and propagation of ``md`` (the rates are
-    1 / :func:`step_seconds`). ``drivers_2`` is the ceiling of the two-driver set-up: each half on its own
-    core, i.e. the sum of both halves' rates (perfect scaling over 2 cores). ``one_at_a_time`` (the
+    1 / :func:`step_seconds`). ``drivers_2`` is the ceiling of the two-driver set-up: each half (as
+    :func:`split` splits them) on its own core, i.e. the sum of both halves' rates (perfect scaling over 2 cores). ``one_at_a_time`` (the
     one-by-one baseline's): ``predict`` one structure per call, the committee mean every step."""
     from ase.io import read
 
@@ -357,7 +364,7 @@ def ceiling(committee, names: list[str], md, repeats: int = 5) -> dict:
     parts["drivers_1"] = batch_parts(committee, member0, numbers, pos, groups, repeats)
     out["drivers_1_structures_per_s"] = 1.0 / step_seconds(parts["drivers_1"], kd, kc)
     out["groups"] = [[names[i] for i in g] for g in groups]
-    halves = [b for b in blocks(names, 2) if b]
+    halves = [b for b in split(names, 2) if b]
     parts["drivers_2"] = [batch_parts(committee, member0, numbers, pos, grouped(b), repeats) for b in halves]
     out["drivers_2_structures_per_s"] = sum(1.0 / step_seconds(p, kd, kc) for p in parts["drivers_2"])
     parts["one_pass"] = batch_parts(committee, member0, numbers, pos, [list(range(len(atoms)))], repeats)
@@ -437,8 +444,8 @@ def estimate_seconds(names, steps: int, per_step: dict, efficiency: float, drive
     the runner's :func:`~al_manager.campaign.runner.pick_driver` gives (``sizes``: atom counts).
     A driver's pass advances each of its trajectories one step and costs the sum of their model seconds per
     step (``per_step``) / ``efficiency``. Drivers run side by side, so the campaign ends with its busiest
-    one: for equal blocks this is steps x model seconds / (efficiency x drivers); when one driver holds the
-    larger clusters, its block sets the time and the other's core idles at the end."""
+    one: for equal blocks this is steps x model seconds / (efficiency x drivers); when one driver holds more
+    work, its block sets the time and the other's core idles at the end."""
     from al_manager.campaign.runner import pick_driver
 
     queue = list(names)
@@ -476,7 +483,7 @@ def parse_fs(text: str):
 
 
 def main(argv=None) -> int:
-    from al_manager.campaign.config import MDSettings, RunSettings, n_atoms
+    from al_manager.campaign.config import MDSettings, RunSettings, by_size, n_atoms
 
     defaults = MDSettings()
     parser = argparse.ArgumentParser(prog="campaign_throughput.py", description=__doc__.split("\n\n")[0])
@@ -665,8 +672,8 @@ def main(argv=None) -> int:
     # best set-up reached on the mixed set; P2x8 when mixed was skipped).
     steps_per_run = int(round(PAPER_PS * 1000.0 / md.timestep_fs))
     # the default campaign's queue (by size) and workers; its drivers are the best set-up's
-    paper_queue = sorted((n for n in PAPER_CLUSTERS for _ in range(PAPER_TEMPERATURES)),
-                         key=lambda n: (sizes[n], PAPER_CLUSTERS.index(n)))
+    listed = [n for n in PAPER_CLUSTERS for _ in range(PAPER_TEMPERATURES)]
+    paper_queue = [listed[k] for k in by_size([sizes[n] for n in listed])]
     hours = estimate_seconds(paper_queue, steps_per_run, per_step, eff, n_drivers, RunSettings().workers,
                              sizes) / 3600.0
     out["paper_production_hours_estimate"] = round(hours, 2)

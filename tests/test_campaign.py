@@ -72,7 +72,7 @@ def test_config_defaults_and_plan(tmp_path):
     assert config_from_dict(_minimal(tmp_path, md={"committee_every_fs": "none"}), tmp_path).md.committee_every == 1
     plan = cfg.trajectories()
     assert len(plan) == 8 and len({t.id for t in plan}) == 8
-    assert [t.cluster.name for t in plan[:4]] == ["P1"] * 4        # by size: P1 (5 atoms) before O2 (14)
+    assert [t.cluster.name for t in plan[:4]] == ["O2"] * 4        # by size, largest first: O2 (14 atoms), P1 (5)
     from ase.io import read
 
     assert composition_of(cfg.clusters[1], read(cfg.clusters[1].structure)) == ("olivine", 2)

@@ -5,16 +5,21 @@ from __future__ import annotations
 import pytest
 
 from al_manager.campaign.runner import pick_driver
+from driver.ipi.batch_server import pass_cost
 from conftest import bench_module
 
 
-def test_pick_driver_keeps_similar_sizes_together_within_capacity():
-    assert pick_driver([[], []], 10, 4) == 0
-    assert pick_driver([[10], []], 10, 4) == 0          # same size: the driver that has it
-    assert pick_driver([[10], []], 30, 4) == 1          # far in size: the empty one
+def test_pick_driver_keeps_the_busiest_pass_cheapest_within_capacity():
+    assert pick_driver([[], []], 10, 4) == 0            # equals: the first
+    assert pick_driver([[10], []], 10, 4) == 1          # two passes side by side beat one of twice the work
     assert pick_driver([[10, 10], []], 10, 4) == 1      # full (4 workers / 2 drivers)
-    assert pick_driver([[5, 25], [20]], 21, 6) == 1     # nearest mean among those with room
-    assert pick_driver([[5, 35], [21]], 20, 6) == 0     # a tie in distance: the one with more
+    # beside a 40-atom trajectory, a second 40 doubles that driver's pass; a 10 + 40 pair in two calls
+    # (pass_cost groups them so) keeps the dearer pass cheaper
+    assert pass_cost([10, 40]) < pass_cost([40, 40])
+    assert pick_driver([[40], [10]], 40, 4) == 1
+    # small ones go where they cost least: padded into the driver of like sizes, not beside the big one
+    assert pick_driver([[50], [10, 10]], 10, 6) == 1
+    assert pass_cost([]) == 0.0 and pass_cost([5, 5]) < 2 * pass_cost([5])   # one call for both
 
 
 def test_estimate_is_the_closed_form_for_equal_blocks_and_the_busiest_driver_otherwise():
@@ -23,10 +28,12 @@ def test_estimate_is_the_closed_form_for_equal_blocks_and_the_busiest_driver_oth
     sizes = {"A": 10, "B": 30}
     # 8 equal trajectories, 2 drivers, all at once: steps x cost x 8 / (efficiency x 2)
     assert bench.estimate_seconds(["A"] * 8, 100, cost, 0.5, 2, 8, sizes) == pytest.approx(100 * 1e-3 * 8 / 1.0)
-    # two blocks of unequal cost at once: the B driver's block sets the time, not the mean of both
-    t = bench.estimate_seconds(["A", "A", "B", "B"], 100, cost, 1.0, 2, 4, sizes)
-    assert t == pytest.approx(100 * 2 * 3e-3)
-    assert t > 100 * (2 * 1e-3 + 2 * 3e-3) / 2
+    # one trajectory per driver, of unequal cost: the B driver sets the time, not the mean of both
+    t = bench.estimate_seconds(["B", "A"], 100, cost, 1.0, 2, 2, sizes)
+    assert t == pytest.approx(100 * 3e-3)
+    assert t > 100 * (1e-3 + 3e-3) / 2
+    # four at once: pick_driver pairs each B with an A, not the two Bs together
+    assert bench.estimate_seconds(["B", "B", "A", "A"], 100, cost, 1.0, 2, 4, sizes) == pytest.approx(100 * 4e-3)
     # a queue longer than the workers: a finished trajectory's place goes to the next in line
     t = bench.estimate_seconds(["A"] * 4, 100, cost, 1.0, 1, 2, sizes)
     assert t == pytest.approx(2 * (100 * 2 * 1e-3))

@@ -28,7 +28,7 @@ Configuration (TOML; paths relative to the file; every key optional except ``mod
     workers = 8                         # trajectories at once (one i-PI each)
     drivers = "auto"                    # batched driver processes: auto = min(cores // threads, workers // 4)
     threads = 1                         # torch threads per driver; drivers x threads <= cores
-    order = "by-size"                   # queue order: by-size keeps similar sizes in the same batches | listed
+    order = "by-size"                   # queue order: by-size (largest first) keeps similar sizes in the same batches | listed
     gather_ms = 20.0                    # how long a driver waits for the other trajectories before a pass
 
     [trust]
@@ -209,8 +209,15 @@ class CampaignConfig:
                     out.append(TrajectorySpec(cluster, float(temperature), int(seed), c_index))
         if self.run.order == "by-size":
             sizes = {c.name: n_atoms(c.structure) for c in self.clusters}
-            out.sort(key=lambda t: (sizes[t.cluster.name], t.cluster_index, t.temperature, t.seed))
+            out = [out[k] for k in by_size([sizes[t.cluster.name] for t in out])]
         return out
+
+
+def by_size(sizes: list[int]) -> list[int]:
+    """The ``by-size`` queue order of trajectories with atom counts ``sizes`` (indices): largest first, ties
+    as listed. The longest trajectories start early, so the campaign does not end on one big cluster on one
+    driver while the other cores idle (longest-processing-time-first)."""
+    return sorted(range(len(sizes)), key=lambda k: (-sizes[k], k))
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,11 @@ each. So every trajectory gets its own i-PI process (``OMP_NUM_THREADS=1``) and 
 servers (:mod:`driver.ipi.batch_server`, ``run.threads`` torch threads each; default one per core with
 >= 4 trajectories each) evaluate whatever structures are waiting in one pass, while the other cores run
 i-PI steps and the other drivers. Parallelism comes from processes, not torch threads (on a shared
-machine extra threads oversubscribe the cores). ``run.workers`` trajectories run at once; the queue is sorted by cluster size and
-each new trajectory goes to the driver whose trajectories are closest in size, so passes need little
-padding (:func:`driver.ipi.batch_server.partition_by_size` splits what padding would make too costly).
+machine extra threads oversubscribe the cores). ``run.workers`` trajectories run at once; the queue is sorted by
+cluster size, largest first (so the campaign does not end on one big cluster while the other cores idle), and
+each new trajectory goes to the driver that keeps the dearest pass of all drivers cheapest, priced by the batch
+server's cost model (:func:`pick_driver`; :func:`driver.ipi.batch_server.partition_by_size` splits what padding
+would make too costly).
 
 Per trajectory, a folder ``runs/<cluster>/<T>K/seed<seed>/`` holds ``state.json`` (status, phase, reason)
 and one sub-folder per phase:
@@ -46,9 +48,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from al_manager.processes import child_env, die_with_parent, end_process, executable, remove_stale_socket, start_time
+from driver.ipi.batch_server import pass_cost
 from ipi_inputs.files import (SOCKETS_PREFIX, cut_dipoles, cut_rows, cut_xyz, dipole_labels, expected_labels,
                               latest_checkpoint)
 from spectra.atomic import write_json
@@ -233,15 +234,18 @@ class TrajectoryRun:
 # ---------------------------------------------------------------------- drivers
 def pick_driver(sizes: list[list[int]], n_atoms: int, workers: int) -> int:
     """Which driver a new trajectory of ``n_atoms`` goes to, given the atom counts of each driver's running
-    trajectories: one with room (``ceil(workers / drivers)`` each) whose trajectories are closest in size,
-    so a driver's passes need little padding; among equals the one with more of them, then the first."""
+    trajectories: among those with room (``ceil(workers / drivers)`` each), the one that leaves the dearest
+    pass of all drivers cheapest, priced by the batch server's own cost model (:func:`pass_cost`: padding
+    and calls included). Drivers run side by side, so the campaign moves at the pace of its busiest one;
+    among equals, the one whose pass grows least, then the first."""
     capacity = -(-workers // len(sizes))
+    now = [pass_cost(here) for here in sizes]
 
     def key(d):
-        here = sizes[d]
-        if len(here) >= capacity:
-            return (1, 0.0, 0)
-        return (0, abs(float(np.mean(here)) - n_atoms) if here else 0.0, -len(here))
+        if len(sizes[d]) >= capacity:
+            return (1, 0.0, 0.0)
+        grown = pass_cost(sizes[d] + [n_atoms])
+        return (0, max([grown, *(c for k, c in enumerate(now) if k != d)]), grown - now[d])
     return min(range(len(sizes)), key=key)
 
 

@@ -164,6 +164,16 @@ def partition_by_size(sizes: list[int], call_cost: float = CALL_COST_ATOMS,
     return groups[::-1]
 
 
+def pass_cost(sizes: list[int], call_cost: float = CALL_COST_ATOMS, pair_divisor: float = PAIR_COST_DIVISOR) -> float:
+    """The cost model's price (atom units) of one pass over structures of atom counts ``sizes``, grouped as
+    :func:`partition_by_size` groups them; 0 for none."""
+    total = 0.0
+    for group in partition_by_size(sizes, call_cost, pair_divisor):
+        n_max = max(sizes[i] for i in group)
+        total += call_cost + len(group) * (n_max + n_max * n_max / pair_divisor)
+    return total
+
+
 @dataclass
 class Target:
     """One trajectory to serve: its i-PI socket, its species (from ``structure``) and where to log."""
