@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from al_manager.campaign.runner import pick_driver
+from al_manager.campaign.runner import pick_driver, shards
 from driver.ipi.batch_server import pass_cost
 from conftest import bench_module
 
@@ -20,6 +20,19 @@ def test_pick_driver_keeps_the_busiest_pass_cheapest_within_capacity():
     # small ones go where they cost least: padded into the driver of like sizes, not beside the big one
     assert pick_driver([[50], [10, 10]], 10, 6) == 1
     assert pass_cost([]) == 0.0 and pass_cost([5, 5]) < 2 * pass_cost([5])   # one call for both
+
+
+def test_shards_are_contiguous_blocks_of_nearly_equal_cost():
+    from types import SimpleNamespace
+
+    sizes = [70] * 3 + [40] * 3 + [20] * 6 + [10] * 12     # a by-size queue, largest first
+    runs = [SimpleNamespace(n_atoms=n) for n in sizes]
+    blocks = shards(runs, 2)
+    assert [r for b in blocks for r in b] == runs            # contiguous, in queue order, all of them
+    cost = [sum(pass_cost([r.n_atoms]) for r in b) for b in blocks]
+    assert max(cost) / min(cost) < 1.15                     # equal counts (12 + 12) would be 2.8x apart
+    assert len(blocks[0]) < len(blocks[1])
+    assert [len(b) for b in shards(runs[:2], 5)] == [1, 1] and shards([], 3) == []
 
 
 def test_estimate_is_the_closed_form_for_equal_blocks_and_the_busiest_driver_otherwise():

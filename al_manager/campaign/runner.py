@@ -48,6 +48,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from al_manager.processes import child_env, die_with_parent, end_process, executable, remove_stale_socket, start_time
 from driver.ipi.batch_server import pass_cost
 from ipi_inputs.files import (SOCKETS_PREFIX, cut_dipoles, cut_rows, cut_xyz, dipole_labels, expected_labels,
@@ -662,16 +664,23 @@ def run_campaign(config: CampaignConfig, log=None, analyse_only: bool = False, r
 
 # ---------------------------------------------------------------------- on Parsl
 def shards(runs: list[TrajectoryRun], n: int) -> list[list[TrajectoryRun]]:
-    """``runs`` (queue order: by size by default) in ``n`` contiguous blocks of nearly equal count, so each
-    node's batched drivers see clusters of similar size; empty blocks are dropped."""
+    """``runs`` (queue order: by size by default) in ``n`` contiguous blocks of nearly equal model cost (each
+    trajectory priced by the batch server's cost model for its size, :func:`pass_cost`, all runs of a
+    campaign being of one length), so each node's batched drivers see clusters of similar size and no node
+    gets all the big ones; every block holds at least one run."""
+    if not runs:
+        return []
     n = max(1, min(n, len(runs)))
-    size, extra = divmod(len(runs), n)
-    out, start = [], 0
-    for k in range(n):
-        stop = start + size + (k < extra)
-        out.append(runs[start:stop])
-        start = stop
-    return [block for block in out if block]
+    cost = np.cumsum([pass_cost([r.n_atoms]) for r in runs])
+    cuts = [0]
+    for k in range(1, n):
+        # the cut nearest k/n of the cost, leaving one run at least for each block still to come
+        target = cost[-1] * k / n
+        at = int(np.searchsorted(cost, target))            # cost[at] >= target: cut before or after run `at`
+        at += 1 if at == 0 or cost[at] - target < target - cost[at - 1] else 0
+        cuts.append(min(max(at, cuts[-1] + 1), len(runs) - (n - k)))
+    cuts.append(len(runs))
+    return [runs[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 def run_shard(config: CampaignConfig, ids: list[str], shard: str, retry_failed: bool = True) -> dict:
