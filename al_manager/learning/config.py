@@ -76,6 +76,8 @@ Layout (every section and key but ``structures`` is optional; the values shown a
     epochs = 400
     # ... every other TrainConfig field (patience, batch_size, lr, log_every, max_minutes, ...);
     # model = { hidden = [512, 512], species = ["Mg", "Si", "O"] }   # driver.models ModelConfig fields
+    # model = { cutoff = 6.0 }         # Å (default 5): a wider radius damps second neighbours less and costs
+                                       # more pairs in MD; bench/label_efficiency.py --cutoff measures the accuracy
     # warm_start is set by the loop (the previous iteration's committee)
     # pretrained = "xtb_run/models/iter_005"   # transfer learning: iteration 0 fine-tunes this committee,
                                        # trained on another reference method (e.g. cheap GFN2-xTB labels),
