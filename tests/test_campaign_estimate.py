@@ -50,3 +50,18 @@ def test_estimate_is_the_closed_form_for_equal_blocks_and_the_busiest_driver_oth
     # a queue longer than the workers: a finished trajectory's place goes to the next in line
     t = bench.estimate_seconds(["A"] * 4, 100, cost, 1.0, 1, 2, sizes)
     assert t == pytest.approx(2 * (100 * 2 * 1e-3))
+
+
+def test_model_rate_is_the_estimates_own_rate_for_trajectories_all_running():
+    """The efficiency of the estimate is a measured rate over this one: for a set of equal runs started at
+    once, estimate_seconds at that efficiency gives back the measured duration."""
+    from conftest import shared_file
+
+    shared_file("structures", "pyroxene_N02_GM.xyz")  # skips without ../shared/data
+    bench = bench_module("campaign_throughput")
+    cost = {"P2": 1e-3}
+    assert bench.model_rate(["P2"] * 4, 2, cost) == pytest.approx(2 * 2 / 2e-3)   # 2 drivers x 2 runs per pass
+    measured_steps_per_s = 1000.0
+    eff = measured_steps_per_s / bench.model_rate(["P2"] * 4, 2, cost)
+    t = bench.estimate_seconds(["P2"] * 4, 100, cost, eff, 2, 4, {"P2": 10})
+    assert t == pytest.approx(4 * 100 / measured_steps_per_s)
