@@ -138,16 +138,11 @@ class TrustRegion:
 
 
 
-def partition_by_size(sizes: list[int], call_cost: float = CALL_COST_ATOMS,
-                      pair_divisor: float = PAIR_COST_DIVISOR) -> list[list[int]]:
-    """Split structures (atom counts ``sizes``) into groups evaluated by one padded call each, minimising
-    sum over groups of ``call_cost + len(group) * (n_max + n_max^2 / pair_divisor)`` (dynamic programming
-    over the sizes in ascending order; optimal among contiguous groups, which is where the optimum lies).
-    Returns lists of indices into ``sizes``."""
+def _cheapest_partition(sizes: list[int], call_cost: float, pair_divisor: float) -> tuple[list[list[int]], float]:
+    """The groups of :func:`partition_by_size` and their total cost (atom units): dynamic programming over the
+    sizes in ascending order, a group costing ``call_cost + len(group) * (n_max + n_max^2 / pair_divisor)``."""
     order = sorted(range(len(sizes)), key=lambda i: sizes[i])
     n = len(order)
-    if n == 0:
-        return []
     best = [0.0] + [math.inf] * n
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
@@ -161,17 +156,22 @@ def partition_by_size(sizes: list[int], call_cost: float = CALL_COST_ATOMS,
     while j > 0:
         groups.append(order[cut[j]:j])
         j = cut[j]
-    return groups[::-1]
+    return groups[::-1], best[n]
+
+
+def partition_by_size(sizes: list[int], call_cost: float = CALL_COST_ATOMS,
+                      pair_divisor: float = PAIR_COST_DIVISOR) -> list[list[int]]:
+    """Split structures (atom counts ``sizes``) into groups evaluated by one padded call each, minimising
+    sum over groups of ``call_cost + len(group) * (n_max + n_max^2 / pair_divisor)`` (dynamic programming
+    over the sizes in ascending order; optimal among contiguous groups, which is where the optimum lies).
+    Returns lists of indices into ``sizes``."""
+    return _cheapest_partition(sizes, call_cost, pair_divisor)[0]
 
 
 def pass_cost(sizes: list[int], call_cost: float = CALL_COST_ATOMS, pair_divisor: float = PAIR_COST_DIVISOR) -> float:
     """The cost model's price (atom units) of one pass over structures of atom counts ``sizes``, grouped as
     :func:`partition_by_size` groups them; 0 for none."""
-    total = 0.0
-    for group in partition_by_size(sizes, call_cost, pair_divisor):
-        n_max = max(sizes[i] for i in group)
-        total += call_cost + len(group) * (n_max + n_max * n_max / pair_divisor)
-    return total
+    return _cheapest_partition(sizes, call_cost, pair_divisor)[1]
 
 
 @dataclass
