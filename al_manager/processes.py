@@ -103,7 +103,9 @@ def signal_group_or_pid(pid: int, pgid: int | None, sig: int) -> None:
 
 
 def end_processes(pids: list[int], grace: float = 5.0) -> list[int]:
-    """SIGTERM each, wait up to ``grace`` s, SIGKILL what is left; returns the PIDs that had to be killed."""
+    """SIGTERM each, wait up to ``grace`` s, SIGKILL what is left and wait (up to 5 s) until it is gone, so
+    that what it held (a listening socket, a file lock) is released on return; returns the PIDs that had to
+    be killed."""
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -118,6 +120,9 @@ def end_processes(pids: list[int], grace: float = 5.0) -> list[int]:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and any(is_running(p) for p in killed):
+        time.sleep(0.01)
     return killed
 
 

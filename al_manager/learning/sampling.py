@@ -42,7 +42,7 @@ from driver.geometry_checks import drifted
 from ipi_inputs.files import SOCKETS_PREFIX
 
 from al_manager.processes import (OWNER_ENV, cwd_is, die_with_parent, end_processes, executable,
-                                  signal_group_or_pid, tagged_processes)
+                                  remove_stale_socket, signal_group_or_pid, tagged_processes)
 
 from .state import State
 
@@ -296,9 +296,7 @@ def run_pair(run_dir: str, ipi_argv: list[str], driver_argv: list[str], env: dic
     token = env.get(OWNER_ENV)
     earlier = [p for p in tagged_processes(token) if cwd_is(p, folder)] if token else []
     end_processes(earlier, grace=exit_grace_s)
-    stale = Path(SOCKETS_PREFIX + socket_name)
-    if stale.exists() or stale.is_symlink():
-        stale.unlink()
+    remove_stale_socket(SOCKETS_PREFIX + socket_name)
     inputs = set(record["inputs"]) | {TASK_FILE}
     for path in folder.iterdir():  # an earlier try of this task: start from the inputs again
         if path.name not in inputs:
