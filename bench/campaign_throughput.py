@@ -440,6 +440,11 @@ def run_slice(cfg, log_path: Path) -> dict:
     return {"measured_s": seconds, "counts": summary.get("counts", {}), "throughput": summary.get("throughput", {})}
 
 
+def drivers_of(configuration: str) -> int:
+    """The driver count of a batched set-up's name, ``batched_<drivers>x<threads>``."""
+    return int(configuration.split("_")[1].split("x")[0])
+
+
 def model_rate(names: list[str], drivers: int, per_step: dict) -> float:
     """MD steps per second, summed over trajectories, that the cost model of :func:`estimate_seconds` gives
     (efficiency 1) while every trajectory of ``names`` runs, split over ``drivers`` as the runner splits
@@ -599,9 +604,8 @@ def main(argv=None) -> int:
             for name, r in res.items():
                 r["fraction_of_ceiling"] = r["steps_per_s"] / ceil[name]
                 if name.startswith("batched"):
-                    drivers = int(name.split("_")[1].split("x")[0])
                     r["fraction_of_cost_model"] = r["steps_per_s"] / model_rate([n for n, _ in sets[label]],
-                                                                                drivers, per_step)
+                                                                                drivers_of(name), per_step)
                 rows.append((label, name, r["steps_per_s"], ps_per_hour(r["steps_per_s"], md.timestep_fs), r["steps_per_s"] / base,
                              r["fraction_of_ceiling"], r["cpu_ms_per_step"], r["wall_s"]))
             # CPU-bound view (independent of other users' load): one-by-one is serial (i-PI and its driver take
@@ -620,7 +624,7 @@ def main(argv=None) -> int:
         # the efficiency and drivers of the estimates: the best set-up of the mixed set (P2x8 when skipped)
         ref_label = "mixed" if "mixed" in figures else "P2x8"
         ref = figures[ref_label]
-        eff, n_drivers = ref["efficiency_vs_cost_model"], int(ref["best"].split("_")[1].split("x")[0])
+        eff, n_drivers = ref["efficiency_vs_cost_model"], drivers_of(ref["best"])
 
         slice_out = None
         if not args.skip_slice:
@@ -682,9 +686,9 @@ def main(argv=None) -> int:
         "dipole_every_steps": kd,
         "committee_every_steps": kc,
     }
-    # Paper production: 20 clusters x 3 T x 40 ps. Steps/s for size N = (drivers of the best set-up) /
-    # (model seconds per MD step with the settings, batches of 8, 1 core) x (the fraction of its ceiling the
-    # best set-up reached on the mixed set; P2x8 when mixed was skipped).
+    # Paper production: 20 clusters x 3 T x 40 ps, scheduled by estimate_seconds with the model seconds per MD
+    # step (the settings, batches of 8, 1 core) over the efficiency against that cost model (model_rate) of
+    # the best set-up on the mixed set (P2x8 when mixed was skipped).
     steps_per_run = int(round(PAPER_PS * 1000.0 / md.timestep_fs))
     # the default campaign's queue (by size) and workers; its drivers are the best set-up's
     listed = [n for n in PAPER_CLUSTERS for _ in range(PAPER_TEMPERATURES)]
@@ -726,7 +730,7 @@ def main(argv=None) -> int:
     print()
     print(f"paper production (20 clusters x 3 T x 40 ps, dipole every {md.dipole_stride_fs:g} fs, {propagation}) on "
           f"this machine: {out['paper_production_hours_estimate']:.1f} h ({n_drivers} driver(s) at {eff:.0%} of the "
-          f"model's batched speed; model cost {out['model_cost_ratio_vs_every_step']:.2f}x that of the committee "
+          f"cost model's rate (batches of copies); model cost {out['model_cost_ratio_vs_every_step']:.2f}x that of the committee "
           f"mean and the dipole every step); Fig. 6 (25 runs of P2 at 400 K): {out['fig6_25_runs_hours_estimate']:.1f} "
           f"h; 25 runs of every cluster and temperature: {out['all_clusters_25_runs_hours_estimate']:.0f} h")
     print(f"its CPU floor on {cores} cores (every core busy, model + {out['outside_model_cpu_ms_per_step']:.2f} ms of "
