@@ -16,9 +16,14 @@ import numpy as np
 DEFAULT_SPECIES = ("Mg", "Si", "O")
 
 
-def farthest_point_sampling(features, n: int, first: int = 0) -> np.ndarray:
+def farthest_point_sampling(features, n: int, first: int = 0, groups=None) -> np.ndarray:
     """Indices of ``n`` rows of ``features`` (M, F) chosen by greedy farthest point sampling, starting with
-    row ``first``; all M rows (``first`` leading) when n >= M. Ties go to the lowest index."""
+    row ``first``; all M rows (``first`` leading) when n >= M. Ties go to the lowest index.
+
+    ``groups`` (M labels, optional): the picks take the groups in turn, in ascending order of label, each
+    pick the farthest row of its group from everything chosen so far; a group with no row left is skipped.
+    Every group so keeps its share, where plain FPS would spend the whole budget on the group that lies
+    farthest out."""
     x = np.asarray(features, dtype=float)
     if x.ndim != 2:
         raise ValueError(f"features must be a 2-D array (structures x features), got shape {x.shape}")
@@ -28,11 +33,26 @@ def farthest_point_sampling(features, n: int, first: int = 0) -> np.ndarray:
     if not 0 <= first < m:
         raise ValueError(f"first={first} is not a row index of {m} structures")
     n = min(int(n), m)
+    labels = None
+    if groups is not None:
+        labels = np.asarray(groups)
+        if labels.shape != (m,):
+            raise ValueError(f"groups must give one label per structure ({m}), got shape {labels.shape}")
+        turns = np.unique(labels)
     chosen = [int(first)]
     nearest = np.linalg.norm(x - x[first], axis=1)
+    turn = 0
     for _ in range(n - 1):
         nearest[chosen] = -np.inf
-        k = int(np.argmax(nearest))
+        if labels is None:
+            k = int(np.argmax(nearest))
+        else:
+            while True:   # the next group that still has a row (one exists: fewer than m are chosen)
+                member = (labels == turns[turn % len(turns)]) & (nearest > -np.inf)
+                turn += 1
+                if member.any():
+                    break
+            k = int(np.argmax(np.where(member, nearest, -np.inf)))
         chosen.append(k)
         nearest = np.minimum(nearest, np.linalg.norm(x - x[k], axis=1))
     return np.asarray(chosen, dtype=int)

@@ -1,7 +1,7 @@
 """Initial training data of one cluster (the paper's Sec. II B): optional relaxation with the reference
 backend, its harmonic analysis, modified normal-mode sampling (:mod:`al_manager.learning.normal_modes`), then
 farthest point sampling (:mod:`al_manager.learning.fps`) down to ``n_select`` (default 3 x N_atoms) displaced
-structures plus the minimum itself.
+structures plus the minimum itself, taking the temperatures in turn (``balance_temperatures``).
 
 The structures come back unlabelled, each tagged in ``atoms.info``: ``cluster`` (the name), ``origin``
 (``minimum`` or ``normal_modes``) and, for displaced ones, ``mode`` (index in the harmonic analysis, -1
@@ -32,6 +32,11 @@ class InitialDataSettings:
     max_displacement: float = 0.3      # Å: no atom of a candidate moves further from the minimum
     n_random: int = 10                 # random combinations of all modes (thermal samples)
     n_select: int | None = None        # displaced structures kept by FPS; default 3 x N_atoms
+    # FPS takes the candidates of each temperature in turn (coldest first), so each amplitude keeps an
+    # equal share. One FPS over all of them keeps almost only the hottest random combinations (the 400-label
+    # xTB run: 0 of 300 picks under 1500 K of energy above the minimum), and the harmonic curvatures, which
+    # the small displacements pin down, are then interpolated from anharmonic data and come out too soft.
+    balance_temperatures: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -83,7 +88,11 @@ def make_initial_data(atoms: Atoms, backend, settings: InitialDataSettings | Non
     pool = [minimum] + [Atoms(numbers=minimum.numbers, positions=c.positions) for c in cands]
     n_select = s.n_select if s.n_select is not None else 3 * len(minimum)
     features = fps.global_descriptor(pool)
-    chosen = fps.farthest_point_sampling(features, n_select + 1, first=0)
+    groups = [-1.0] + [c.temperature for c in cands] if s.balance_temperatures else None
+    chosen = fps.farthest_point_sampling(features, n_select + 1, first=0, groups=groups)
+    if log and groups is not None:
+        taken = np.asarray(groups)[chosen[1:]]
+        log(f"{name}: FPS kept " + ", ".join(f"{int(np.sum(taken == t))} at {t:g} K" for t in sorted(set(groups[1:]))))
 
     out = []
     for idx in chosen:
