@@ -50,6 +50,20 @@ def test_fps_on_points_of_a_line():
         fps.farthest_point_sampling(x, 2, first=11)
 
 
+def test_fps_groups_take_turns():
+    """With groups, each pick is the farthest row of the next group in turn (ascending labels): the cold group
+    near the start keeps its share, where plain FPS goes out to the far group first."""
+    x = np.arange(11.0)[:, None]
+    groups = np.array([-1, 100, 100, 100] + [1500] * 7)   # rows 1-3 near row 0, rows 4-10 far out
+    assert list(fps.farthest_point_sampling(x, 5, first=0)) == [0, 10, 5, 2, 7]
+    assert list(fps.farthest_point_sampling(x, 5, first=0, groups=groups)) == [0, 3, 10, 1, 6]
+    # a group that runs out is skipped: the rest of the picks go to the other one
+    picked = fps.farthest_point_sampling(x, 11, first=0, groups=groups)
+    assert sorted(picked) == list(range(11)) and list(picked[:7]) == [0, 3, 10, 1, 6, 2, 8]
+    with pytest.raises(ValueError, match="one label per structure"):
+        fps.farthest_point_sampling(x, 3, groups=groups[:5])
+
+
 def test_global_descriptor_is_invariant(p1):
     minimum = p1[0]
     moved = minimum[[3, 1, 4, 0, 2]]
@@ -129,6 +143,10 @@ def test_count_and_tags(initial, p1):
     assert np.abs(xtb_forces(frames[0])).max() < 0.02     # the minimum is relaxed
     assert len({tuple(np.round(f.positions, 6).ravel()) for f in frames}) == len(frames)  # no duplicates
     assert any("vibrational modes" in line for line in logs)
+    # every amplitude keeps its share (15 picks, 5 temperatures), and the log says so
+    temps = [f.info["mode_temperature"] for f in frames[1:]]
+    assert {t: temps.count(t) for t in set(temps)} == {t: 3 for t in InitialDataSettings().temperatures}
+    assert any("FPS kept 3 at 100 K, 3 at 300 K" in line for line in logs)
     for f in frames[1:]:
         assert np.linalg.norm(f.positions - frames[0].positions, axis=1).max() <= 0.3 + 1e-9
 
