@@ -856,6 +856,64 @@ def test_reference_harmonics_of_several_structures_in_parallel_equal_the_serial_
     assert again == []   # cached: nothing computed, nothing said
 
 
+def test_the_yardstick_stencil_gives_the_exact_hessian_frequencies(uninterrupted, tmp_path):
+    """On a committee, whose exact (autograd) Hessian is known, the yardstick's 4-point finite differences
+    give its frequencies to 0.02 cm^-1; the 2-point stencil at the same step makes the stiffest mode too
+    stiff by more than 0.1 cm^-1 (the O(delta^2) term), an error the size of those being measured."""
+    from ase.io import read
+    from ase.optimize import BFGS
+    from ase.vibrations import Vibrations
+
+    from al_manager.learning.measure import STENCIL
+    from driver.calculator import NanosilCalculator
+    from spectra.harmonic import harmonic_from_derivatives, vibrational
+
+    workdir = uninterrupted[0]
+    calc = NanosilCalculator(str(workdir / "models" / "iter_002"))
+    atoms = read(str(workdir / "reference" / "P1_relaxed.extxyz"))
+    atoms.calc = calc
+    BFGS(atoms, logfile=None).run(fmax=1e-5, steps=500)
+    exact = vibrational(np.sort(harmonic_from_derivatives(atoms.get_masses(), calc.hessian(atoms), None).frequencies))
+
+    def finite(nfree: int, folder: Path) -> np.ndarray:
+        vib = Vibrations(atoms, name=str(folder), delta=STENCIL["delta"], nfree=nfree)
+        vib.run()
+        f = vib.get_frequencies()
+        return vibrational(np.sort(np.real(f) - np.imag(f)))
+
+    four = finite(STENCIL["nfree"], tmp_path / "vib4")
+    two = finite(2, tmp_path / "vib2")
+    assert np.abs(four - exact).max() < 0.02
+    assert two[-1] - exact[-1] > 0.1
+
+
+def test_a_resumed_run_measured_against_another_yardstick_is_measured_again(uninterrupted, tmp_path):
+    """Rows measured against an older reference analysis are measured again on resume against today's (the
+    report's rows, the state, the log line); a second resume finds nothing to do."""
+    from al_manager.learning.measure import harmonic_errors, reference_harmonics
+    from al_manager.learning.report import read_report_csv
+
+    workdir = copy_workdir(uninterrupted[0], tmp_path / "wd")
+    state = state_of(workdir)
+    for holder in [state["initial"], *state["iterations"].values()]:
+        holder["measured"]["harmonic"]["yardstick"] = "xtb:GFN2-xTB (2-point central differences, 0.01 Å)"
+        holder["row"]["harmonic_mae_cm-1"] = 99.0
+    (workdir / "state.json").write_text(json.dumps(state))
+    config = write_config(tmp_path, workdir, max_iterations=2)
+    proc = nanosil("al", "run", config, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("re-measured models/iter_00") == 3 and "harmonic MAE 99.00 ->" in proc.stdout
+    refs = reference_harmonics({"P1": str(shared_file("structures", "pyroxene_N01_GM.xyz"))}, "xtb",
+                               workdir / "reference", log=lambda m: None)
+    expected = harmonic_errors(workdir / "models" / "iter_002", refs)
+    rows = read_report_csv(workdir / "report.csv")
+    assert float(rows[-1]["harmonic_mae_cm-1"]) == pytest.approx(expected["mae_cm-1"], rel=1e-6)
+    assert all(float(r["harmonic_mae_cm-1"]) < 99 for r in rows)
+    assert state_of(workdir)["iterations"]["2"]["measured"]["harmonic"]["yardstick"] == expected["yardstick"]
+    again = nanosil("al", "run", config, cwd=tmp_path)
+    assert again.returncode == 0 and "re-measured" not in again.stdout
+
+
 def test_reference_harmonics_survive_a_kill_inside_the_displacement_cache(tmp_path):
     """A killed harmonic analysis leaves ASE's empty lock file for the displacement in flight; the
     resumed one recomputes that displacement and gives the uninterrupted frequencies."""
@@ -864,7 +922,7 @@ def test_reference_harmonics_survive_a_kill_inside_the_displacement_cache(tmp_pa
     p1 = str(shared_file("structures", "pyroxene_N01_GM.xyz"))
     first = reference_harmonics({"P1": p1}, "xtb", tmp_path / "a", log=lambda m: None)["P1"]
     cache = sorted((tmp_path / "a" / "P1_displacements").glob("**/cache.*.json"))
-    assert len(cache) == 2 * 3 * 5 + 1  # +-x, +-y, +-z of 5 atoms, and the undisplaced structure
+    assert len(cache) == 4 * 3 * 5 + 1  # +-1, +-2 steps along x, y, z of 5 atoms, and the undisplaced structure
     cache[3].write_text("")                          # the calculation in flight when the manager died
     (tmp_path / "a" / "harmonic.json").unlink()      # it died before the result was stored
     lines = []

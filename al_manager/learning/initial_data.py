@@ -57,12 +57,14 @@ class InitialDataSettings:
 
 def make_initial_data(atoms: Atoms, backend, settings: InitialDataSettings | None = None, *,
                       name: str | None = None, workdir: str | os.PathLike | None = None,
-                      log: Callable[[str], None] | None = None) -> list[Atoms]:
+                      log: Callable[[str], None] | None = None, stencil: dict | None = None) -> list[Atoms]:
     """The minimum followed by ``n_select`` FPS-chosen normal-mode displacements of ``atoms``.
 
     ``backend``: a :class:`al_manager.reference.ReferenceBackend`; ``name``: the cluster tag (default
     ``atoms.info['cluster']`` or the formula); ``workdir``: where the harmonic analysis caches its
-    displaced calculations (a rerun reuses them). Raises :class:`al_manager.reference.ReferenceError`
+    displaced calculations (a rerun reuses them); ``stencil``: the finite differences of that analysis (``delta``
+    and ``nfree`` of ``backend.harmonic``; the active-learning loop passes its yardstick's, whose displaced
+    calculations on the same minimum are then already there). Raises :class:`al_manager.reference.ReferenceError`
     when the relaxation or the harmonic analysis fails.
     """
     s = settings or InitialDataSettings()
@@ -73,7 +75,7 @@ def make_initial_data(atoms: Atoms, backend, settings: InitialDataSettings | Non
         minimum = Atoms(numbers=minimum.numbers, positions=minimum.positions)
         if log:
             log(f"{name}: relaxed to fmax {s.relax_fmax} eV/Å")
-    harmonic_kw = {"workdir": str(workdir)} if workdir is not None else {}
+    harmonic_kw = {**(stencil or {}), **({"workdir": str(workdir)} if workdir is not None else {})}
     har = backend.harmonic(minimum, **harmonic_kw)
     rng = np.random.default_rng(s.seed)
     cands = normal_modes.displacements(minimum, har.frequencies, har.modes, temperatures=s.temperatures,
