@@ -41,10 +41,12 @@ labels per step (the minimum + 1 normal-mode structure; 2 temperatures x 1 frame
 its ``--transfer`` uses n = 2, 4.
 
 Cost of the full setting on this 2-core machine, from measured PBE0 (RI-JK) times per label on one core (busy
-machine): P1 10 s, O1 16 s, P2 38 s. The reference relaxations and finite-difference Hessians (6N + 1 gradients
-each, one core, in the manager) ~1.2 h, P2 most of it; 300 labels on 2 workers ~1 h; 9 trainings of 3 + 1
+machine): P1 10 s, O1 16 s, P2 38 s. The reference relaxations and finite-difference Hessians (12N + 1 gradients
+each on the yardstick's 4-point stencil, al_manager.learning.measure.STENCIL; one core, in the manager) ~2.4 h,
+P2 most of it (a work directory whose reference was computed on the older 2-point stencil recomputes it on
+resume, and re-measures its committees against it); 300 labels on 2 workers ~1 h; 9 trainings of 3 + 1
 members (500 epochs) ~1 h; the final polish on every label (800 epochs, as in label_efficiency) ~0.2 h;
-sampling and measuring ~0.5 h: about 3.5-4 h, over several sessions if need be.
+sampling and measuring ~0.5 h: about 5 h, over several sessions if need be.
 ``--transfer`` adds 8 trainings of energy members, ~0.5 h.
 """
 from __future__ import annotations
