@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from al_manager.learning.measure import STENCIL
 from spectra.atomic import write_text
 
 from ._common import add_backend_arguments, backend_name, backend_options, read_structures
@@ -31,7 +32,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--index", default="-1", help="which frame of the file (ASE index, default the last)")
     parser.add_argument("--relax", action="store_true", help="relax with the backend before the analysis")
     parser.add_argument("--fmax", type=float, default=0.001, help="relaxation threshold (eV/Å, default 0.001)")
-    parser.add_argument("--delta", type=float, default=0.01, help="finite-difference step (Å, default 0.01)")
+    parser.add_argument("--delta", type=float, default=STENCIL["delta"],
+                        help=f"finite-difference step (Å, default {STENCIL['delta']:g})")
+    parser.add_argument("--nfree", type=int, choices=(2, 4), default=STENCIL["nfree"],
+                        help=f"finite-difference points per coordinate (default {STENCIL['nfree']}, the "
+                             "active-learning yardstick's: 2 overestimates stiff modes by a few tenths of a cm^-1)")
     parser.add_argument("--fwhm", type=float, default=10.0, help="Gaussian FWHM of the spectrum (cm^-1, default 10)")
     parser.add_argument("--models", metavar="DIR", default=None,
                         help="an ML committee (with a dipole model) instead of a reference backend")
@@ -153,7 +158,8 @@ def run(args) -> int:
             atoms = backend.relax(atoms, fmax=args.fmax)
         write(str(out / "structure.xyz"), atoms, format="extxyz")
         print(f"harmonic analysis with {backend.method} ({len(atoms)} atoms) ...", flush=True)
-        kwargs = {} if backend_name(args) == "orca" else {"delta": args.delta, "workdir": out / "ir_cache"}
+        kwargs = {} if backend_name(args) == "orca" else {"delta": args.delta, "nfree": args.nfree,
+                                                               "workdir": out / "ir_cache"}
         har = backend.harmonic(atoms, **kwargs)
         method = backend.method
 

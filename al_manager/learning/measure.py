@@ -34,8 +34,11 @@ from spectra.harmonic import harmonic_from_derivatives, vibrational
 STENCIL = {"delta": 0.01, "nfree": 4}
 
 
-def stencil_name(stencil: dict) -> str:
-    return f"{stencil['nfree']}-point central differences, {stencil['delta']:g} Å"
+def stencil_name(backend: str) -> str:
+    """How ``backend``'s yardstick frequencies are differentiated (ORCA's are analytic: ``Freq``)."""
+    if backend == "orca":
+        return "analytic Hessian (ORCA Freq)"
+    return f"{STENCIL['nfree']}-point central differences, {STENCIL['delta']:g} Å"
 
 
 def clear_interrupted_cache(folder: str | os.PathLike) -> int:
@@ -85,7 +88,7 @@ def reference_harmonics(structures: dict[str, str], backend: str, cache_dir: str
         entry = cache.get(name)
         if entry is not None and method is None:
             method = _method(backend, backend_options, None)
-        if entry is None or entry.get("method") != method or entry.get("stencil") != stencil_name(STENCIL):
+        if entry is None or entry.get("method") != method or entry.get("stencil") != stencil_name(backend):
             missing.append(name)   # never computed, another method, or an older stencil
     if missing:
         from al_manager.reference.base import get_backend
@@ -163,7 +166,7 @@ def _reference_one(name: str, path: str, backend: str, backend_options: dict | N
     if relax:
         relaxed, har, followed = follow_imaginary_modes(be, relaxed, har, displacements, fmax=fmax, log=say, name=name)
     energy = float(be.label(relaxed).energy)
-    entry = {"method": be.method, "stencil": stencil_name(STENCIL), "file": str(path), "relaxed": relax,
+    entry = {"method": be.method, "stencil": stencil_name(backend), "file": str(path), "relaxed": relax,
              "energy_eV": energy,
              "imaginary_modes_followed": followed,
              "numbers": [int(z) for z in relaxed.numbers], "positions_A": relaxed.positions.tolist(),
