@@ -143,23 +143,23 @@ def test_count_and_tags(initial, p1):
     assert np.abs(xtb_forces(frames[0])).max() < 0.02     # the minimum is relaxed
     assert len({tuple(np.round(f.positions, 6).ravel()) for f in frames}) == len(frames)  # no duplicates
     assert any("vibrational modes" in line for line in logs)
-    assert not any("FPS kept" in line for line in logs)   # one FPS over all candidates (the default)
+    # every amplitude keeps its share (15 picks, 5 temperatures), and the log says so
+    temps = [f.info["mode_temperature"] for f in frames[1:]]
+    assert {t: temps.count(t) for t in set(temps)} == {t: 3 for t in InitialDataSettings().temperatures}
+    assert any("FPS kept 3 at 100 K, 3 at 300 K" in line for line in logs)
     for f in frames[1:]:
         assert np.linalg.norm(f.positions - frames[0].positions, axis=1).max() <= 0.3 + 1e-9
 
 
-def test_balanced_temperatures_keep_a_share_each(p1, xtb):
-    """``balance_temperatures``: every amplitude keeps its share (15 picks, 5 temperatures) and the log says
-    so; one FPS over all candidates keeps fewer of the coldest."""
+def test_one_fps_over_all_temperatures_keeps_fewer_cold_picks(p1, xtb):
+    """``balance_temperatures = false`` (the paper's single FPS): the farthest candidates win, so fewer of
+    the coldest displacements are kept than the balanced share, and no share is logged."""
     minimum = p1[0]
     logs = []
-    balanced = make_initial_data(minimum, xtb, InitialDataSettings(relax=False, balance_temperatures=True),
-                                 log=logs.append)
-    temps = [f.info["mode_temperature"] for f in balanced[1:]]
-    assert {t: temps.count(t) for t in set(temps)} == {t: 3 for t in InitialDataSettings().temperatures}
-    assert any("FPS kept 3 at 100 K, 3 at 300 K" in line for line in logs)
-    plain = make_initial_data(minimum, xtb, InitialDataSettings(relax=False))
+    plain = make_initial_data(minimum, xtb, InitialDataSettings(relax=False, balance_temperatures=False),
+                              log=logs.append)
     assert sum(f.info["mode_temperature"] == 100.0 for f in plain[1:]) < 3
+    assert not any("FPS kept" in line for line in logs)
 
 
 def xtb_forces(atoms):

@@ -68,8 +68,8 @@ Layout (every section and key but ``structures`` is optional; the values shown a
     max_displacement = 0.3             # Å
     n_random = 10                      # random combinations of modes
     # n_select = 15                    # default 3 x N_atoms (per structure)
-    balance_temperatures = false       # true: FPS takes each temperature in turn (an equal share each;
-                                       # one FPS over all keeps mostly the hottest candidates)
+    balance_temperatures = true        # FPS takes each temperature in turn, an equal share each (false:
+                                       # one FPS over all, which keeps almost only the hottest candidates)
     seed = 0
 
     [train]                            # driver.training.TrainConfig (the fields of `nanosil train`)

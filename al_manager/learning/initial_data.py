@@ -1,7 +1,7 @@
 """Initial training data of one cluster (the paper's Sec. II B): optional relaxation with the reference
 backend, its harmonic analysis, modified normal-mode sampling (:mod:`al_manager.learning.normal_modes`), then
 farthest point sampling (:mod:`al_manager.learning.fps`) down to ``n_select`` (default 3 x N_atoms) displaced
-structures plus the minimum itself (optionally taking the temperatures in turn: ``balance_temperatures``).
+structures plus the minimum itself, taking the temperatures in turn (``balance_temperatures``).
 
 The structures come back unlabelled, each tagged in ``atoms.info``: ``cluster`` (the name), ``origin``
 (``minimum`` or ``normal_modes``) and, for displaced ones, ``mode`` (index in the harmonic analysis, -1
@@ -32,10 +32,11 @@ class InitialDataSettings:
     max_displacement: float = 0.3      # Å: no atom of a candidate moves further from the minimum
     n_random: int = 10                 # random combinations of all modes (thermal samples)
     n_select: int | None = None        # displaced structures kept by FPS; default 3 x N_atoms
-    # true: FPS takes the candidates of each temperature in turn (coldest first), so each amplitude keeps an
-    # equal share; one FPS over all of them (the paper's) keeps mostly the hottest ones, farthest out. Off by
-    # default: on bench/label_efficiency.py the balanced picks did not lower the harmonic error.
-    balance_temperatures: bool = False
+    # FPS takes the candidates of each temperature in turn (coldest first), so each amplitude keeps an equal
+    # share. One FPS over all of them (false, the paper's) keeps almost only the hottest, farthest out: then
+    # no label lies near the minimum, whose curvatures the harmonic frequencies are (bench/label_efficiency.py
+    # compares both).
+    balance_temperatures: bool = True
     seed: int = 0
 
     def __post_init__(self):
