@@ -137,6 +137,12 @@ def main(argv=None) -> int:
     p.add_argument("--cutoff", type=float, default=None, metavar="Å",
                    help="the energy model's cutoff radius, [train] model.cutoff (default 6 Å in the full setting, "
                         "the model's own 5 Å in quick mode; its own work directory label_efficiency_cutoffX)")
+    p.add_argument("--n-select", type=int, default=None, metavar="N",
+                   help="normal-mode picks per cluster, [initial_data] n_select (default 75 in the full setting): "
+                        "fewer leave more of the label budget to MD frames (own work directory ..._nselectN)")
+    p.add_argument("--frames-per-run", type=int, default=None, metavar="N",
+                   help="uncertain frames a sampling run delivers per iteration, [sampling] frames_per_run "
+                        "(default 2 in the full setting; own work directory ..._framesN)")
     args = p.parse_args(argv)
 
     missing = [f for f in CLUSTERS.values() if not (DATA / f).is_file()]
@@ -144,7 +150,10 @@ def main(argv=None) -> int:
         print(f"label_efficiency: reference structures not available ({DATA}/{missing[0]}): skipped",
               file=sys.stderr)
         return 2
-    name = f"label_efficiency{'_quick' if args.quick else ''}{f'_cutoff{args.cutoff:g}' if args.cutoff is not None else ''}"
+    name = (f"label_efficiency{'_quick' if args.quick else ''}"
+            f"{f'_cutoff{args.cutoff:g}' if args.cutoff is not None else ''}"
+            f"{f'_nselect{args.n_select}' if args.n_select is not None else ''}"
+            f"{f'_frames{args.frames_per_run}' if args.frames_per_run is not None else ''}")
     workdir = (args.workdir or REPO / "bench" / "results" / name).resolve()
     if args.fresh and workdir.exists():
         shutil.rmtree(workdir)
@@ -157,6 +166,10 @@ def main(argv=None) -> int:
         raw["stopping"]["max_iterations"] = args.iterations
     if args.cutoff is not None:
         raw["train"]["model"] = {**raw["train"].get("model", {}), "cutoff": args.cutoff}
+    if args.n_select is not None:
+        raw["initial_data"]["n_select"] = args.n_select
+    if args.frames_per_run is not None:
+        raw["sampling"]["frames_per_run"] = args.frames_per_run
     cfg = parse_config(raw, base_dir=REPO)
     t0 = time.time()
     try:
