@@ -35,10 +35,12 @@ STENCIL = {"delta": 0.01, "nfree": 4}
 
 
 def stencil_name(backend: str) -> str:
-    """How ``backend``'s yardstick frequencies are differentiated (ORCA's are analytic: ``Freq``)."""
-    if backend == "orca":
-        return "analytic Hessian (ORCA Freq)"
-    return f"{STENCIL['nfree']}-point central differences, {STENCIL['delta']:g} Å"
+    """How ``backend``'s yardstick frequencies are differentiated: its own analytic Hessian where it has
+    one (ORCA's ``Freq``), else :data:`STENCIL`."""
+    from al_manager.reference.base import backend_class
+
+    analytic = backend_class(backend).analytic_hessian
+    return analytic or f"{STENCIL['nfree']}-point central differences, {STENCIL['delta']:g} Å"
 
 
 def clear_interrupted_cache(folder: str | os.PathLike) -> int:

@@ -144,6 +144,9 @@ class ReferenceBackend:
 
     name: str = ""
     method: str = ""
+    #: how :meth:`harmonic` differentiates when it ignores ``delta``/``nfree`` (ORCA's ``Freq``); None:
+    #: finite differences of :meth:`label` gradients
+    analytic_hessian: str | None = None
     #: atomic numbers the method can treat (None: anything)
     supported_numbers: frozenset | None = None
     charge: int = 0
@@ -262,12 +265,17 @@ _BACKENDS = {
 }
 
 
-def get_backend(name: str, **options) -> ReferenceBackend:
-    """A backend by name (``xtb``, ``pyscf``, ``orca``); options go to its constructor."""
+def backend_class(name: str) -> type[ReferenceBackend]:
+    """The class of a backend by name (``xtb``, ``pyscf``, ``orca``), not instantiated."""
     if name not in _BACKENDS:
         raise ValueError(f"unknown reference backend {name!r}; choose from {', '.join(_BACKENDS)}")
     module, cls_name = _BACKENDS[name].split(":")
-    cls = getattr(importlib.import_module(module), cls_name)
+    return getattr(importlib.import_module(module), cls_name)
+
+
+def get_backend(name: str, **options) -> ReferenceBackend:
+    """A backend by name (``xtb``, ``pyscf``, ``orca``); options go to its constructor."""
+    cls = backend_class(name)
     try:
         inspect.signature(cls).bind(**options)
     except TypeError as exc:

@@ -282,6 +282,7 @@ class OrcaBackend(ReferenceBackend):
 
     name = "orca"
     method = "orca:PBE0/def2-SVP/RIJCOSX"
+    analytic_hessian = "analytic Hessian (ORCA Freq)"
     supported_numbers = frozenset(range(1, 87))  # def2 basis sets and def2/J: H to Rn
 
     def __init__(self, *, command: str | None = None, nprocs: int = 1, maxcore: int = 1000, charge: int = 0,
