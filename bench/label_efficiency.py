@@ -203,6 +203,10 @@ def main(argv=None) -> int:
               f"F {test['test_force_mae_eV_per_A']:.4f} eV/Å (0.043), mu {test['test_dipole_mae_D']:.4f} D (0.074); "
               f"calibrated std vs actual error: Spearman E {test['energy_spearman']:.2f}, F {test['force_spearman']:.2f}; "
               f"error/std E {test['energy_error_over_std']:.2f}, F {test['force_error_over_std']:.2f}")
+        print(f"test energy error, median {test['test_energy_median_meV_per_atom']:.2f} meV/atom; per cluster "
+              "mean / worst frame: " + ", ".join(f"{c} {v['energy_mae_meV_per_atom']:.2f} / "
+                                                f"{v['energy_max_meV_per_atom']:.1f}"
+                                                for c, v in test["per_cluster"].items()))
     wall_hours = accumulated_wall(workdir, time.time() - t0) / 3600.0
     control = None
     if args.control:

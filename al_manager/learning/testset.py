@@ -31,7 +31,7 @@ def sample_md_frames(models: str | Path, structures: dict[str, str], temperature
     ``info['cluster']``, ``info['temperature']``, ``info['md_step']``."""
     from ase.constraints import FixCom
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+    from ase.md import velocitydistribution as vd
 
     from driver.calculator import NanosilCalculator
     from driver.geometry_checks import fragments
@@ -47,9 +47,11 @@ def sample_md_frames(models: str | Path, structures: dict[str, str], temperature
         for temperature in temperatures:
             atoms = Atoms(numbers=start.numbers, positions=start.positions)
             atoms.calc = calc
-            MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
-            Stationary(atoms)
-            ZeroRotation(atoms)
+            # thermalize_momenta from ASE 3.29 on, where MaxwellBoltzmannDistribution is deprecated (same draws)
+            getattr(vd, "thermalize_momenta", vd.MaxwellBoltzmannDistribution)(atoms, temperature_K=temperature,
+                                                                             rng=rng)
+            vd.Stationary(atoms)
+            vd.ZeroRotation(atoms)
             atoms.set_constraint(FixCom())   # a free cluster: no drift of the centre of mass
             dyn = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature,
                            friction=friction_per_fs / units.fs, rng=rng, fixcm=False)
@@ -105,8 +107,9 @@ def uncertainty_report(models: str | Path, frames) -> dict:
     committee = load_committee(models, dtype=torch.float64)
     alpha_e = committee.calibration.get("energy", 1.0)
     alpha_f = committee.calibration.get("forces", 1.0)
-    e_err, e_std, f_err, f_std, f_all, mu_err = [], [], [], [], [], []
+    e_err, e_std, f_err, f_std, f_all, mu_err, clusters = [], [], [], [], [], [], []
     for fr in frames:
+        clusters.append(fr.cluster or "?")
         out = committee.member_outputs(fr.numbers, fr.positions, forces=True)
         n = len(fr.numbers)
         energies = np.asarray(out.energies, float)
@@ -134,10 +137,18 @@ def uncertainty_report(models: str | Path, frames) -> dict:
 
     f_all = np.asarray(f_all)
     mu_err = np.asarray(mu_err)
+    # a mean over frames is set by its worst trajectories (a hole the MD fell into): the median and the
+    # per-cluster means say where it comes from
+    clusters = np.asarray(clusters)
+    per_cluster = {c: {"frames": int((clusters == c).sum()),
+                       "energy_mae_meV_per_atom": float(np.mean(e_err[clusters == c]) * 1e3),
+                       "energy_max_meV_per_atom": float(np.max(e_err[clusters == c]) * 1e3)}
+                   for c in dict.fromkeys(clusters.tolist())}
     return {
         "n_frames": int(len(e_err)),
         "test_energy_mae_meV_per_atom": float(np.mean(e_err) * 1e3) if len(e_err) else float("nan"),
         "test_energy_rmse_meV_per_atom": rmse(e_err) * 1e3,
+        "test_energy_median_meV_per_atom": float(np.median(e_err) * 1e3) if len(e_err) else float("nan"),
         "test_force_mae_eV_per_A": float(np.mean(f_all)) if len(f_all) else float("nan"),
         "test_force_rmse_eV_per_A": rmse(f_all),
         "test_dipole_mae_D": float(np.mean(mu_err)) if len(mu_err) else float("nan"),
@@ -147,4 +158,5 @@ def uncertainty_report(models: str | Path, frames) -> dict:
         "force_spearman": _spearman(f_std, f_err),
         "force_error_over_std": ratio(f_err, f_std),
         "alpha_energy": float(alpha_e), "alpha_forces": float(alpha_f),
+        "per_cluster": per_cluster,
     }
