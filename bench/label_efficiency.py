@@ -10,9 +10,9 @@ trained on the normal-mode data alone: the table gives each iteration's MAE as a
 
 ``--quick``: 2 temperatures (400, 800 K), 1 ps of MD per run and iteration, 3 iterations (``--iterations``
 to change), 150 epochs (~20-30 min on 2 cores). The full setting: 4 temperatures (100-1200 K), dense
-normal-mode data (60 per cluster), runs of up to 2 ps that collect 3 frames each under the adaptive threshold, warm-started
-retrains of 600 epochs, a budget of 400 labels, patience 3 (hours); ``final_models`` is the committee of
-the last row of ``report.csv``: the row ``final``, a polish of the last iteration's committee
+normal-mode data (60 per cluster), runs of up to 2 ps that collect 3 frames each under the adaptive
+threshold, warm-started retrains of 600 epochs, a budget of 400 labels, patience 3 (hours);
+``final_models`` is the committee of the last row of ``report.csv``: the row ``final``, a polish of the last iteration's committee
 (``[stopping] final_epochs``, ``final_from = "last"``) on every label (``final_hold_out = false``).
 A rerun with the same settings resumes the work directory (``--fresh`` starts over). ``--control`` adds a
 second baseline: the same warm-start chain of retrainings on the initial labels only, since part of any
@@ -67,11 +67,11 @@ def settings(quick: bool, workdir: Path) -> dict:
                       # three fifths of the budget as dense normal-mode data first (the capacity probe of
                       # issue 12: 120 per cluster alone reached 1.81 cm^-1 on P1 + O1; the earlier full run, with
                       # 40 per cluster and 12 iterations of MD frames, flattened at 2.5-2.7), then iterations of
-                      # sampling runs that travel before they flag. 60 rather than 75 per cluster and 3 frames
-                      # per run rather than 2: the 156 MD labels cut the test-set energy error to a third
-                      # (14.2 -> 5.2 meV/atom) and the final harmonic error too (1.53 / 2.35 -> 1.57 / 2.23)
-                      # taken a temperature at a time (balance_temperatures, the default): one FPS over all
-                      # kept no displacement within 1500 K of the minimum
+                      # sampling runs that travel before they flag. The other two fifths go to MD frames (60 per
+                      # cluster, 3 frames per run): the test set's error comes from where hot MD goes, which
+                      # normal modes never reach (figures in the bench output and the issue notes)
+                      # normal modes taken a temperature at a time (balance_temperatures, the default): one FPS
+                      # over all kept no displacement within 1500 K of the minimum
                       initial_data={"n_select": 60, "n_random": 200, "balance_temperatures": True},
                       sampling={"energy_threshold": 0.002, "max_md_ps": 2.0, "parallel_runs": 2, "mpi_ranks": 1,
                                 "frames_per_run": 3, "adaptive_factor": 3.0},
