@@ -10,7 +10,7 @@ trained on the normal-mode data alone: the table gives each iteration's MAE as a
 
 ``--quick``: 2 temperatures (400, 800 K), 1 ps of MD per run and iteration, 3 iterations (``--iterations``
 to change), 150 epochs (~20-30 min on 2 cores). The full setting: 4 temperatures (100-1200 K), dense
-normal-mode data (60 per cluster), runs of up to 2 ps that collect 3 frames each under the adaptive
+normal-mode data (60 per cluster), runs of up to 2 ps that collect 3 frames each, 150 fs apart or more, under the adaptive
 threshold, warm-started retrains of 600 epochs, a budget of 400 labels, patience 3 (hours);
 ``final_models`` is the committee of the last row of ``report.csv``: the row ``final``, a polish of the last iteration's committee
 (``[stopping] final_epochs``, ``final_from = "last"``) on every label (``final_hold_out = false``).
@@ -73,8 +73,11 @@ def settings(quick: bool, workdir: Path) -> dict:
                       # normal modes taken a temperature at a time (balance_temperatures, the default): one FPS
                       # over all kept no displacement within 1500 K of the minimum
                       initial_data={"n_select": 60, "n_random": 200, "balance_temperatures": True},
+                      # frames of a run at least 150 fs apart: a run's 3 frames then span 0.3 ps or more, so
+                      # the continued runs get past the first picosecond over the iterations, where hot xTB MD
+                      # of O2 leaves the basin of its starting structure for a deeper one
                       sampling={"energy_threshold": 0.002, "max_md_ps": 2.0, "parallel_runs": 2, "mpi_ranks": 1,
-                                "frames_per_run": 3, "adaptive_factor": 3.0},
+                                "frames_per_run": 3, "adaptive_factor": 3.0, "min_flag_gap_fs": 150.0},
                       # a polish of the last committee, not a from-scratch final training (on the first full
                       # run, 1500 epochs from scratch ended worse than the warm-started chain), on every
                       # label of the budget: the tenth the retrains hold out for validation trains too
