@@ -8,21 +8,20 @@ trained on the normal-mode data alone: the table gives each iteration's MAE as a
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/label_efficiency.py [--quick] [--control] [--cutoff Å] [--json out.json]
 
-``--quick``: 2 temperatures (400, 800 K), 1 ps of MD per run and iteration, 3 iterations (``--iterations``
-to change), 150 epochs (~20-30 min on 2 cores). The full setting: 4 temperatures (100-1200 K), dense
-normal-mode data (60 per cluster), runs of up to 2 ps that collect 3 frames each, 150 fs apart or more, under the adaptive
-threshold, warm-started retrains of 600 epochs, a budget of 400 labels, patience 3 (hours);
-``final_models`` is the committee of the last row of ``report.csv``: the row ``final``, a polish of the last iteration's committee
-(``[stopping] final_epochs``, ``final_from = "last"``) on every label (``final_hold_out = false``).
+``--quick``: 2 temperatures (400, 800 K), 1 ps of MD per run and iteration, 3 iterations (``--iterations`` to
+change), 150 epochs (~20-30 min on 2 cores). The full setting: 4 temperatures (100-1200 K), dense normal-mode
+data (60 per cluster), runs of up to 2 ps that collect 3 frames each, 150 fs apart or more, under the adaptive
+threshold, warm-started retrains of 600 epochs, a budget of 400 labels, patience 3 (hours); ``final_models``
+is the committee of the last row of ``report.csv``: the row ``final``, a polish of the last iteration's
+committee (``[stopping] final_epochs``, ``final_from = "last"``) on every label (``final_hold_out = false``).
 A rerun with the same settings resumes the work directory (``--fresh`` starts over). ``--control`` adds a
-second baseline: the same warm-start chain of retrainings on the initial labels only, since part of any
-gain can come from the extra training rather than the new labels. ``--cutoff`` changes the energy
-model's cutoff radius (``[train] model.cutoff``), in a work directory of its own. Writes a table, ``label_efficiency.png``
-and, with ``--json``, the keys of issue 12: ``labels`` and ``harmonic_mae_cm-1`` (lists, one entry per
-row of ``report.csv``), ``final_harmonic_mae_cm-1``, ``final_harmonic_rmse_cm-1``, ``final_labels``,
-``wall_hours``, ``final_models``, and the test set's ``test_energy_mae_meV_per_atom``,
-``test_force_mae_eV_per_A``, ``test_dipole_mae_D`` (MD frames with the final committee, labelled by the
-oracle, never trained on).
+second baseline: the same warm-start chain of retrainings on the initial labels only, since part of any gain
+can come from the extra training rather than the new labels. ``--cutoff`` changes the energy model's cutoff
+radius (``[train] model.cutoff``), in a work directory of its own. Writes a table, ``label_efficiency.png``
+and, with ``--json``, the keys of issue 12: ``labels`` and ``harmonic_mae_cm-1`` (lists, one entry per row of
+``report.csv``), ``final_harmonic_mae_cm-1``, ``final_harmonic_rmse_cm-1``, ``final_labels``, ``wall_hours``,
+``final_models``, and the test set's ``test_energy_mae_meV_per_atom``, ``test_force_mae_eV_per_A``,
+``test_dipole_mae_D`` (MD frames with the final committee, labelled by the oracle, never trained on).
 
 The paper reached 1.6 cm^-1 with 3458 PBE0 labels for 20 clusters; this benchmark has a cheaper oracle
 (xTB), 4 small clusters, and far fewer iterations in quick mode.
