@@ -568,6 +568,27 @@ def test_crashed_and_exploded_runs_are_recorded_and_the_iteration_goes_on(tmp_pa
 
 
 @pytest.mark.slow
+def test_frames_of_a_run_keep_min_flag_gap_from_each_other_and_from_the_start(tmp_path, small_config):
+    """A committee uncertain everywhere (threshold 1e-6) flags every step of a real i-PI run: the frames kept
+    are min_flag_gap_fs apart, and the first is that far from the start too, which is a labelled structure
+    (the minimum, or where the previous iteration's run stopped, a step after its last kept frame)."""
+    from al_manager.learning.sampling import Sampler, SamplingSettings, plan_runs
+    from al_manager.learning.state import State
+    from driver.models.committee import build_committee, save_committee
+
+    models = tmp_path / "models"
+    save_committee(build_committee(small_config, n_members=2, n_dipole=0, seed=1), models)
+    state = State.load(tmp_path / "wd", create=True)
+    settings = SamplingSettings(max_md_ps=0.2, timestep_fs=1.0, energy_threshold=1e-6, frames_per_run=3,
+                                min_flag_gap_fs=20.0, mpi_ranks=1)
+    with _owner(state):
+        record = Sampler(state, 1, plan_runs({"P1": str(shared_file("structures", "pyroxene_N01_GM.xyz"))}, [500]),
+                         models, tmp_path / "wd" / "it1", settings, log=[].append).run()
+    assert [f["step"] for f in record["frames"]] == [20, 40, 60]
+    assert record["runs"]["P1_500K"]["frames"] == 3
+
+
+@pytest.mark.slow
 def test_sampling_drivers_on_other_hosts_send_frames_over_curve_zmq(tmp_path, small_config):
     """What a pool on other nodes gets (collector_keys, as sampling_arguments gives for slurm/pbs): the
     collector listens on every interface as a CurveZMQ server, the drivers connect with the workdir's

@@ -75,7 +75,8 @@ class SamplingSettings:
     # uncertainty of the committee on its own training data), so a committee that is already unsure at the
     # minimum (normal-mode data only) does not flag at step 1: runs travel before they flag. "none": fixed.
     adaptive_factor: float | None = 3.0
-    min_flag_gap_fs: float = 25.0           # frames of one run closer in time than this to the last kept one are skipped
+    min_flag_gap_fs: float = 25.0           # frames of one run closer in time than this to the last kept one (or
+                                            # to the run's start) are skipped
     driver_threads: int = 1                 # torch threads per rank
     dtype: Literal["float32", "float64"] = "float32"
     seed: int = 12345
@@ -206,7 +207,10 @@ class _Live:
     why_stop: str = ""
     exploded: str = ""               # why, when the driver reported an exploded structure (ZMQ kind "exploded")
     ended_one: float | None = None   # when the first of the two processes ended
-    last_flag_step: int | None = None
+    # the step of the last kept frame; the start (step 0) counts as one, as it is a labelled structure: the
+    # reference minimum, or where the previous iteration's run stopped, a step or two after its last kept
+    # frame. So min_flag_gap_fs also holds across the continuation of a run, from iteration to iteration
+    last_flag_step: int = 0
 
     def request_exit(self, why: str) -> None:
         if self.exit_requested is None:
@@ -497,7 +501,7 @@ class Sampler:
         spec, rec = live.spec, self.record["runs"][name]
         step = int(message.get("step", -1))
         gap = int(round(self.settings.min_flag_gap_fs / self.settings.timestep_fs))
-        if live.last_flag_step is not None and 0 <= step - live.last_flag_step < gap:
+        if 0 <= step - live.last_flag_step < gap:
             # the next steps of an uncertain frame are nearly the same structure: one label teaches as much
             self.record["ignored_frames"] = self.record.get("ignored_frames", 0) + 1
             return
