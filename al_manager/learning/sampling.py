@@ -487,20 +487,23 @@ class Sampler:
     def _accept(self, message: dict) -> None:
         name = self.by_run_id.get(str(message.get("run_id")))
         live = self.live.get(name) if name else None
-        # step 0 is the start configuration: the reference minimum (part of the initial data) or where the
-        # previous iteration stopped, right after its own flagged frame; labelling it again teaches nothing
         if live is not None and message.get("kind") == "exploded":
             if not live.exploded:
                 live.exploded = (f"{message.get('criterion')} std {float(message.get('measure', float('nan'))):.4g} >= "
                                  f"trust cap {message.get('trust_cap')} at step {message.get('step')}")
                 live.request_exit("structure exploded")
             return
-        if live is None or live.quota <= 0 or message.get("kind") != "uncertain" or int(message.get("step", 0)) == 0:
+        if live is None or live.quota <= 0 or message.get("kind") != "uncertain":
             self.record["ignored_frames"] = self.record.get("ignored_frames", 0) + 1
             return
         spec, rec = live.spec, self.record["runs"][name]
-        step = int(message.get("step", -1))
-        gap = int(round(self.settings.min_flag_gap_fs / self.settings.timestep_fs))
+        try:  # a frame without a step is taken for the start, and skipped
+            step = int(message.get("step", 0))
+        except (TypeError, ValueError):
+            self.record["ignored_frames"] = self.record.get("ignored_frames", 0) + 1
+            return
+        # at least one step: step 0 is the start, a labelled structure (see _Live.last_flag_step)
+        gap = max(1, int(round(self.settings.min_flag_gap_fs / self.settings.timestep_fs)))
         if 0 <= step - live.last_flag_step < gap:
             # the next steps of an uncertain frame are nearly the same structure: one label teaches as much
             self.record["ignored_frames"] = self.record.get("ignored_frames", 0) + 1
@@ -516,7 +519,7 @@ class Sampler:
             return
         frame = {"id": f"{self.iteration:03d}-{name}-{rec['frames']}", "run": name, "run_id": live.run_id,
                  "structure": spec.structure, "temperature": spec.temperature,
-                 "step": int(message.get("step", -1)), "numbers": numbers, "positions": positions.tolist(),
+                 "step": step, "numbers": numbers, "positions": positions.tolist(),
                  "energy_std_per_atom": message.get("energy_std_per_atom"),
                  "max_force_std": message.get("max_force_std"), "criterion": message.get("criterion"),
                  "model_version": message.get("model_version")}
