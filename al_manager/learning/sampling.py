@@ -484,6 +484,10 @@ class Sampler:
         return live
 
     # -- receiving -------------------------------------------------------------------------------
+    def _ignore(self) -> None:
+        """Count a flagged frame that is not kept (the iteration's ``ignored_frames``)."""
+        self.record["ignored_frames"] = self.record.get("ignored_frames", 0) + 1
+
     def _accept(self, message: dict) -> None:
         name = self.by_run_id.get(str(message.get("run_id")))
         live = self.live.get(name) if name else None
@@ -494,28 +498,28 @@ class Sampler:
                 live.request_exit("structure exploded")
             return
         if live is None or live.quota <= 0 or message.get("kind") != "uncertain":
-            self.record["ignored_frames"] = self.record.get("ignored_frames", 0) + 1
+            self._ignore()
             return
         spec, rec = live.spec, self.record["runs"][name]
         try:  # a frame without a step is taken for the start, and skipped
             step = int(message.get("step", 0))
         except (TypeError, ValueError):
-            self.record["ignored_frames"] = self.record.get("ignored_frames", 0) + 1
+            self._ignore()
             return
         # at least one step: step 0 is the start, a labelled structure (see _Live.last_flag_step)
         gap = max(1, int(round(self.settings.min_flag_gap_fs / self.settings.timestep_fs)))
         if 0 <= step - live.last_flag_step < gap:
             # the next steps of an uncertain frame are nearly the same structure: one label teaches as much
-            self.record["ignored_frames"] = self.record.get("ignored_frames", 0) + 1
+            self._ignore()
             return
         try:
             numbers = [int(z) for z in message["numbers"]]
             positions = np.asarray(message["positions"], dtype=float).reshape(len(numbers), 3)
         except (KeyError, TypeError, ValueError):
-            self.record["ignored_frames"] = self.record.get("ignored_frames", 0) + 1
+            self._ignore()
             return
         if not np.all(np.isfinite(positions)):
-            self.record["ignored_frames"] = self.record.get("ignored_frames", 0) + 1
+            self._ignore()
             return
         frame = {"id": f"{self.iteration:03d}-{name}-{rec['frames']}", "run": name, "run_id": live.run_id,
                  "structure": spec.structure, "temperature": spec.temperature,
